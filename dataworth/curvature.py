@@ -1,0 +1,123 @@
+"""Block-diagonal (per layer) Hessian approximations in the projected space, and their damped inverse.
+
+For a layer with projected gradients G (k_out x k_in), vec row-major:
+    raw    H = E[vec G vec G^T] = Q diag(d) Q^T
+    kfac   H = S (x) A with A = E_tokens[u u^T] = Q_A diag(a) Q_A^T, S = sum_t v v^T / examples
+           = Q_S diag(s) Q_S^T; eigenvalues s_o a_i
+    ekfac  KFAC eigenbases, eigenvalues E[(Q_S^T G Q_A)^2] (exactly diag((Q_S (x) Q_A)^T M (Q_S (x) Q_A))
+           for the second moment M, so no second pass over the data is needed)
+Damping is added when preconditioning, never stored, so repeated calls never accumulate it.
+"""
+
+from fnmatch import fnmatchcase
+
+import torch
+
+from dataworth.config import CurvatureConfig
+from dataworth.errors import ConfigError, MismatchError
+from dataworth.projection import GradientLayout
+from dataworth.statistics import CurvatureStatistics
+
+
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0: the matrices are PSD up to rounding) and eigenvectors, float64."""
+    values, vectors = torch.linalg.eigh(matrix.double())
+    return values.clamp_min(0), vectors
+
+
+def ekfac_eigenvalues(second_moment: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+    """(k_out, k_in): diag of (Q_S (x) Q_A)^T M (Q_S (x) Q_A) for M (k_out k_in square)."""
+    k_out, k_in = q_s.shape[0], q_a.shape[0]
+    m = second_moment.double().reshape(k_out, k_in, k_out, k_in)
+    m = torch.einsum("abcd,ao,bi->oicd", m, q_s, q_a)  # rotate the left index pair
+    return torch.einsum("oicd,co,di->oi", m, q_s, q_a)  # and the right one, keeping the diagonal
+
+
+class Curvature:
+    """Undamped eigen-factors of every layer: `factors[layer][name]` float64 tensors."""
+
+    def __init__(self, kind: str, layout: GradientLayout, factors: dict[str, dict[str, torch.Tensor]]):
+        self.kind = kind
+        self.layout = layout
+        self.factors = factors
+
+    @classmethod
+    def fit(cls, stats: CurvatureStatistics, kind: str) -> "Curvature":
+        """Eigendecompose the merged statistics into the chosen approximation."""
+        if kind in ("raw", "ekfac") and not stats.has_second_moment:
+            raise ConfigError(f"curvature {kind!r} needs statistics collected with second_moment=True")
+        if kind != "identity" and stats.examples == 0:
+            raise ConfigError("curvature statistics are empty: no example was seen")
+        factors = {}
+        for block in stats.layout.blocks:
+            sums = stats.sums[block.name]
+            if kind == "identity":
+                factors[block.name] = {}
+            elif kind == "raw":
+                d, q = _eigh(sums["second_moment"] / stats.examples)
+                factors[block.name] = {"eigenvalues": d, "eigenvectors": q}
+            else:
+                a, q_a = _eigh(sums["activation"] / max(stats.tokens, 1))
+                s, q_s = _eigh(sums["output_grad"] / stats.examples)
+                if kind == "kfac":
+                    lam = torch.outer(s, a)  # (k_out, k_in)
+                else:
+                    lam = ekfac_eigenvalues(sums["second_moment"] / stats.examples, q_s, q_a)
+                factors[block.name] = {"eigenvalues": lam, "q_a": q_a, "q_s": q_s}
+        return cls(kind, stats.layout, factors)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat 'layer|factor' -> tensor map for storage."""
+        return {f"{n}|{k}": t for n, f in self.factors.items() for k, t in f.items()}
+
+    @classmethod
+    def from_tensors(cls, kind: str, layout: GradientLayout, flat: dict[str, torch.Tensor]) -> "Curvature":
+        factors = {b.name: {} for b in layout.blocks}
+        for key, tensor in flat.items():
+            layer, name = key.rsplit("|", 1)
+            if layer not in factors:
+                raise MismatchError(f"factor {key!r} is for a layer the projection does not have")
+            factors[layer][name] = tensor
+        return cls(kind, layout, factors)
+
+    def damping(self, config: CurvatureConfig) -> dict[str, float]:
+        """Absolute lambda per layer: the configured value, or alpha * mean eigenvalue if relative."""
+        result = {}
+        for block in self.layout.blocks:
+            value = next(
+                (v for pattern, v in config.per_layer_damping.items() if fnmatchcase(block.name, pattern)),
+                config.damping,
+            )
+            if config.damping_mode == "relative" and self.kind != "identity":
+                mean = float(self.factors[block.name]["eigenvalues"].mean())
+                value = value * mean if mean > 0 else value  # a dead layer: G = 0, any lambda works
+            result[block.name] = value
+        return result
+
+    def preconditioner(self, config: CurvatureConfig) -> "Preconditioner":
+        return Preconditioner(self, self.damping(config))
+
+
+class Preconditioner:
+    """Applies (H + lambda I)^-1 per layer to flat gradients (N, D), in the input's dtype."""
+
+    def __init__(self, curvature: Curvature, damping: dict[str, float]):
+        self.curvature = curvature
+        self.damping = damping
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.curvature.kind == "identity":
+            return flat.clone()
+        out = torch.empty_like(flat)
+        for block in self.curvature.layout.blocks:
+            f = {k: v.to(flat.dtype) for k, v in self.curvature.factors[block.name].items()}
+            lam = self.damping[block.name]
+            g = block.view(flat)  # (N, k_out, k_in)
+            if self.curvature.kind == "raw":
+                q = f["eigenvectors"]  # (D_b, D_b)
+                r = (g.reshape(-1, block.size) @ q) / (f["eigenvalues"] + lam)  # (N, D_b) rotated
+                out[:, block.offset : block.offset + block.size] = r @ q.T
+            else:
+                r = f["q_s"].T @ g @ f["q_a"] / (f["eigenvalues"] + lam)  # (N, k_out, k_in)
+                out[:, block.offset : block.offset + block.size] = (f["q_s"] @ r @ f["q_a"].T).reshape(-1, block.size)
+        return out

@@ -1,0 +1,73 @@
+"""Forward/backward hooks on tracked layers that see inputs and output gradients, nothing else.
+
+Parameters are frozen (requires_grad=False) while the hooks are installed, so backward computes
+gradients with respect to activations only and never forms a weight gradient. A tracked layer whose
+output would not require grad (the first tracked layer, when nothing upstream does) has its output
+turned into a grad-requiring leaf, so the backward pass reaches it. On exit the hooks are removed
+and every parameter's requires_grad is restored.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dataworth.errors import ConfigError
+from dataworth.layers import LayerSpec
+
+InputFn = Callable[[str, torch.Tensor], None]  # (layer, x: (B, T, n_in) or ids (B, T))
+OutputGradFn = Callable[[str, torch.Tensor], None]  # (layer, g: (B, T, n_out))
+
+
+def _tokens_first(t: torch.Tensor, ids: bool) -> torch.Tensor:
+    """Any (B, ..., n) -> (B, T, n), or token ids (B, ...) -> (B, T): every middle axis is a token axis."""
+    return t.reshape(t.shape[0], -1) if ids else t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+class LayerHooks:
+    """Context manager calling `on_input` in forward and `on_output_grad` in backward per layer."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, LayerSpec], on_input: InputFn, on_output_grad: OutputGradFn):
+        self.model = model
+        self.layers = layers
+        self.on_input = on_input
+        self.on_output_grad = on_output_grad
+        self._handles = []
+        self._requires_grad = {}
+        self._calls = {}
+
+    def __enter__(self) -> "LayerHooks":
+        self._requires_grad = {p: p.requires_grad for p in self.model.parameters()}
+        for p in self._requires_grad:
+            p.requires_grad_(False)
+        modules = dict(self.model.named_modules())
+        for name, spec in self.layers.items():
+            if name not in modules:
+                raise ConfigError(f"layer {name!r} of the projection is not in {type(self.model).__name__}")
+            self._handles.append(modules[name].register_forward_hook(self._forward_hook(name, spec)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for p, flag in self._requires_grad.items():
+            p.requires_grad_(flag)
+
+    def new_pass(self) -> None:
+        """Call before each forward: a layer may run only once per pass."""
+        self._calls.clear()
+
+    def _forward_hook(self, name: str, spec: LayerSpec):
+        def hook(module, args, output):
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if self._calls[name] > 1:
+                raise ConfigError(f"layer {name!r} ran twice in one forward pass (weight sharing); exclude it")
+            self.on_input(name, _tokens_first(args[0].detach(), ids=spec.kind == "embedding"))
+            if not torch.is_grad_enabled():
+                return
+            if not output.requires_grad:
+                output.requires_grad_(True)
+            output.register_hook(lambda g: self.on_output_grad(name, _tokens_first(g, ids=False)))
+
+        return hook

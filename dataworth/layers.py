@@ -1,0 +1,70 @@
+"""Discovery of the layers whose gradients LoGra logs: nn.Linear, HF Conv1D and nn.Embedding."""
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from dataworth.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One tracked layer. Its gradient is treated as an (n_out x n_in) matrix.
+
+    kind: "linear" (y = x W^T + b), "conv1d" (HF GPT-2, y = x W + b, W stored n_in x n_out)
+    or "embedding" (y = W[ids], so n_in is the vocabulary size and n_out the embedding width).
+    """
+
+    name: str
+    kind: str
+    n_in: int
+    n_out: int
+    has_bias: bool
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """HF `transformers.pytorch_utils.Conv1D`, detected without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def layer_spec(name: str, module: nn.Module) -> LayerSpec | None:
+    """The LayerSpec of a supported module, or None for any other module."""
+    if isinstance(module, nn.Linear):
+        return LayerSpec(name, "linear", module.in_features, module.out_features, module.bias is not None)
+    if _is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return LayerSpec(name, "conv1d", n_in, n_out, module.bias is not None)
+    if isinstance(module, nn.Embedding):
+        return LayerSpec(name, "embedding", module.num_embeddings, module.embedding_dim, False)
+    return None
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+def find_layers(
+    model: nn.Module,
+    include: tuple[str, ...] = ("*",),
+    exclude: tuple[str, ...] = (),
+    embeddings: bool = False,
+) -> dict[str, LayerSpec]:
+    """Supported layers of `model` in module order, filtered by glob patterns on their names.
+
+    Embeddings are tracked only when `embeddings=True` (their input width is the vocabulary).
+    """
+    found = {}
+    for name, module in model.named_modules():
+        spec = layer_spec(name, module)
+        if spec is None or (spec.kind == "embedding" and not embeddings):
+            continue
+        if _matches(name, include) and not _matches(name, exclude):
+            found[name] = spec
+    if not found:
+        raise ConfigError(
+            f"no supported layer (nn.Linear, Conv1D{', nn.Embedding' if embeddings else ''}) of "
+            f"{type(model).__name__} matches include={list(include)} exclude={list(exclude)}; "
+            "widen the module filter"
+        )
+    return found

@@ -1,0 +1,111 @@
+"""Streaming influence: score(i, q) = g_q^T (H + lambda I)^-1 g_i over blocks of training gradients.
+
+Queries are preconditioned once (Q x D). Each block of stored training gradients (B x D) costs one
+matrix product; the result keeps only per-query top-k, per-example totals and per-group sums, never
+the full N x Q matrix (unless asked, for small cases).
+
+Normalisations: "relatif" divides by sqrt(g_i^T H^-1 g_i) (RelatIF); "cosine" also by
+sqrt(g_q^T H^-1 g_q), i.e. the cosine of preconditioned gradients (unit-norm, as in TrackStar).
+"""
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from dataworth.curvature import Preconditioner
+from dataworth.errors import ConfigError, MismatchError
+
+NORMALIZATIONS = ("none", "relatif", "cosine")
+
+
+@dataclass
+class InfluenceResult:
+    """Scores aggregated over the stream; index i is the row position in the training stream."""
+
+    top_scores: torch.Tensor  # (Q, k) float32, descending per query
+    top_indices: torch.Tensor  # (Q, k) int64 training rows
+    example_totals: torch.Tensor  # (N,) float64: sum over queries of score(i, q)
+    group_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # grouping -> (G, Q) float64
+    self_influence: torch.Tensor | None = None  # (N,) float64 g_i^T H^-1 g_i, when computed
+    scores: torch.Tensor | None = None  # (N, Q) float32, only with keep_scores=True
+
+
+class InfluenceScorer:
+    """Holds the preconditioned queries; `stream` scores any number of training blocks."""
+
+    def __init__(self, query_gradients: torch.Tensor, preconditioner: Preconditioner, normalize: str = "none"):
+        if normalize not in NORMALIZATIONS:
+            raise ConfigError(f"normalize={normalize!r} is not one of {NORMALIZATIONS}")
+        if query_gradients.ndim != 2 or query_gradients.shape[0] == 0:
+            raise ConfigError(f"query gradients must be a non-empty (Q, D) matrix, got shape {tuple(query_gradients.shape)}")
+        if query_gradients.shape[1] != preconditioner.curvature.layout.dim:
+            raise MismatchError(
+                f"query gradients have {query_gradients.shape[1]} columns but the curvature's projection has "
+                f"{preconditioner.curvature.layout.dim}: they come from different projections"
+            )
+        self.preconditioner = preconditioner
+        self.normalize = normalize
+        q = query_gradients.double()
+        q_pre = preconditioner(q)  # (Q, D) float64, once
+        self.query_self = (q * q_pre).sum(1)  # (Q,) g_q^T H^-1 g_q
+        if normalize == "cosine":
+            q_pre = q_pre / self.query_self.clamp_min(1e-30).sqrt()[:, None]
+        self.queries = q_pre.float().T.contiguous()  # (D, Q)
+
+    def self_influence(self, block: torch.Tensor) -> torch.Tensor:
+        """(B,) g_i^T H^-1 g_i of a block (B, D)."""
+        return (block * self.preconditioner(block)).sum(1, dtype=torch.float64)
+
+    def stream(
+        self,
+        blocks: Iterable[torch.Tensor],
+        *,
+        top_k: int = 10,
+        groups: Mapping[str, torch.Tensor] | None = None,
+        self_influence: bool = False,
+        keep_scores: bool = False,
+    ) -> InfluenceResult:
+        """Score training blocks (B, D) in order. `groups[name]` is an (N,) int64 group id per row."""
+        n_queries = self.queries.shape[1]
+        top_scores = torch.full((n_queries, 0), float("-inf"))
+        top_indices = torch.zeros((n_queries, 0), dtype=torch.int64)
+        groups = {k: torch.as_tensor(v, dtype=torch.int64) for k, v in (groups or {}).items()}
+        sums = {k: torch.zeros(int(v.max()) + 1 if len(v) else 0, n_queries, dtype=torch.float64) for k, v in groups.items()}
+        totals, selfs, kept = [], [], []
+        offset = 0
+        for block in blocks:
+            block = block.float()
+            if block.shape[1] != self.queries.shape[0]:
+                raise MismatchError(
+                    f"training block has {block.shape[1]} columns, queries {self.queries.shape[0]}: "
+                    "gradients from different projections cannot be mixed"
+                )
+            scores = block @ self.queries  # (B, Q)
+            if self.normalize != "none" or self_influence:
+                s = self.self_influence(block)  # (B,)
+                selfs.append(s)
+                if self.normalize != "none":
+                    scores = scores / s.clamp_min(1e-30).sqrt().float()[:, None]
+            rows = torch.arange(offset, offset + block.shape[0])
+            merged = torch.cat([top_scores, scores.T], dim=1)  # (Q, k + B)
+            merged_idx = torch.cat([top_indices, rows.expand(n_queries, -1)], dim=1)
+            top_scores, pos = merged.topk(min(top_k, merged.shape[1]), dim=1)
+            top_indices = merged_idx.gather(1, pos)
+            totals.append(scores.sum(1, dtype=torch.float64))
+            for name, ids in groups.items():
+                sums[name].index_add_(0, ids[offset : offset + block.shape[0]], scores.double())
+            if keep_scores:
+                kept.append(scores)
+            offset += block.shape[0]
+        for name, ids in groups.items():
+            if len(ids) != offset:
+                raise MismatchError(f"grouping {name!r} has {len(ids)} ids for {offset} training rows")
+        return InfluenceResult(
+            top_scores=top_scores,
+            top_indices=top_indices,
+            example_totals=torch.cat(totals) if totals else torch.zeros(0, dtype=torch.float64),
+            group_sums=sums,
+            self_influence=torch.cat(selfs) if selfs else None,
+            scores=torch.cat(kept) if keep_scores and kept else None,
+        )
