@@ -1,0 +1,162 @@
+"""gradient_projection, projected_gradients (the GPU step, per shard) and hessian_factors."""
+
+import shutil
+import time
+from datetime import datetime, timezone
+
+import dagster as dg
+import polars as pl
+
+from assets.checks import schema_result, schema_spec
+from assets.common import (
+    SINGLE_RUN,
+    commit_metadata,
+    frame_to_tensors,
+    gradients_to_binary,
+    peak_memory_mb,
+    shard_partitions,
+    sql_in,
+    tensors_to_frame,
+    upstream_versions,
+)
+from dataworth import CausalLMTask, Curvature, CurvatureStatistics, LoGra
+from pipelines.artifacts import load_model, load_projection, projections_dir, require_single
+from pipelines.settings import Settings
+from resources.delta import DeltaStore
+
+PCA_SEQUENCES = 256  # sequences of the statistics pass that fits PCA projections
+
+
+def examples_of(sequences: pl.DataFrame) -> list[list[int]]:
+    return [list(ids) for ids in sequences["input_ids"].to_list()]
+
+
+def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoint: dg.AssetsDefinition) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        deps=[model_checkpoint],
+        code_version=settings.version("projection"),
+        check_specs=[schema_spec("gradient_projection")],
+        group_name="gradients",
+        kinds={"pytorch", "safetensors"},
+    )
+    def gradient_projection(context: dg.AssetExecutionContext, delta: DeltaStore) -> dg.MaterializeResult:
+        """The LoGra projection (random or PCA) shared by every shard and query."""
+        model, tokenizer, model_row = load_model(delta)
+        upstream = upstream_versions(delta, "model_checkpoint")
+        pca_examples = None
+        if settings.projection.init == "pca":  # statistics pass over the first sequences, version recorded
+            upstream |= upstream_versions(delta, "token_shards")
+            pca_examples = examples_of(delta.read("token_shards", columns=["shard_id", "seq_index", "input_ids"]).sort("shard_id", "seq_index").head(PCA_SEQUENCES))
+        task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
+        logra = LoGra(model, task, settings.projection, pca_examples=pca_examples, batch_size=settings.capture_batch_size)
+        projection = logra.projection
+        digest = projection.content_hash()
+        path = projections_dir() / digest[:16]
+        if not path.exists():
+            staging = projections_dir() / f".staging-{context.run_id}"
+            projection.save(staging)
+            staging.rename(path)
+        row = pl.DataFrame(
+            {
+                "projection_hash": [digest], "path": [str(path)], "config": [settings.projection.to_json()],
+                "dim": [projection.layout.dim], "layers": [len(projection.layers)],
+                "model_hash": [model_row["checkpoint_hash"]], "created_at": [datetime.now(timezone.utc)],
+            }
+        )
+        version = delta.write("gradient_projection", row, metadata=commit_metadata(context, upstream))
+        layers = "\n".join(f"| {b.name} | {b.k_in} | {b.k_out} |" for b in projection.layout.blocks)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(digest[:16]),
+            metadata={
+                "projection_hash": digest, "dim": projection.layout.dim, "delta_version": version,
+                "layers": dg.MetadataValue.md("| layer | k_in | k_out |\n|---|---|---|\n" + layers),
+            },
+            check_results=[schema_result(delta, "gradient_projection")],
+        )
+
+    @dg.asset(
+        partitions_def=shard_partitions,
+        backfill_policy=SINGLE_RUN,
+        deps=[dg.AssetDep(token_shards, partition_mapping=dg.IdentityPartitionMapping()), model_checkpoint, gradient_projection],
+        code_version=settings.version("curvature.fisher"),
+        check_specs=[schema_spec("projected_gradients"), schema_spec("projected_gradients_statistics", asset="projected_gradients")],
+        group_name="gradients",
+        kinds={"pytorch", "delta"},
+    )
+    def projected_gradients(context: dg.AssetExecutionContext, delta: DeltaStore) -> dg.MaterializeResult:
+        """Per shard: every sequence's projected gradient, and the shard's partial curvature sums."""
+        model, tokenizer, model_row = load_model(delta)
+        projection, projection_row = load_projection(delta, model_row["checkpoint_hash"])
+        hashes = {"projection_hash": projection_row["projection_hash"], "model_hash": model_row["checkpoint_hash"]}
+        upstream = upstream_versions(delta, "token_shards", "model_checkpoint", "gradient_projection")
+        task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=settings.model.seed)
+        logra = LoGra(model, task, projection=projection, batch_size=settings.capture_batch_size)
+        fisher = settings.curvature.fisher
+        total_tokens, total_rows, started = 0, 0, time.perf_counter()
+        for shard in context.partition_keys:
+            seqs = delta.read("token_shards", filter=sql_in("shard_id", [shard])).sort("seq_index")
+            examples = examples_of(seqs)
+            stats = logra.new_statistics()
+
+            def progress(done: int, total: int) -> None:
+                if done == total or done % (20 * settings.capture_batch_size) == 0:
+                    context.log.info(f"{shard}: {done}/{total} sequences")
+
+            gradients = logra.capture(examples, statistics=stats if fisher == "empirical" else None, progress=progress)
+            if fisher == "sampled":
+                stats = logra.statistics(examples, fisher="sampled")
+            rows = seqs.select("shard_id", "seq_id", "doc_id", "provider_id", "n_tokens").with_columns(
+                gradient=gradients_to_binary(gradients), **{k: pl.lit(v) for k, v in hashes.items()}
+            )
+            meta = commit_metadata(context, upstream)
+            delta.write("projected_gradients", rows, mode="overwrite", partition_by=["shard_id"], replace_where={"shard_id": shard}, metadata=meta)
+            delta.write(
+                "projected_gradients_statistics", tensors_to_frame(stats.to_tensors(), shard_id=shard, fisher=fisher, **hashes),
+                mode="overwrite", partition_by=["shard_id"], replace_where={"shard_id": shard}, metadata=meta,
+            )
+            total_tokens += int(seqs["n_tokens"].sum())
+            total_rows += seqs.height
+        seconds = time.perf_counter() - started
+        return dg.MaterializeResult(
+            metadata={
+                "sequences": total_rows, "tokens": total_tokens, "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
+                "peak_memory_mb": round(peak_memory_mb(), 1), "dim": projection.layout.dim, **hashes,
+            },
+            check_results=[schema_result(delta, t, sql_in("shard_id", list(context.partition_keys))) for t in ("projected_gradients", "projected_gradients_statistics")],
+        )
+
+    @dg.asset(
+        deps=[projected_gradients],
+        code_version=settings.version("curvature.kind", "curvature.fisher"),
+        check_specs=[schema_spec("hessian_factors")],
+        group_name="gradients",
+        kinds={"pytorch", "delta"},
+    )
+    def hessian_factors(context: dg.AssetExecutionContext, delta: DeltaStore) -> dg.MaterializeResult:
+        """Partial statistics of every shard merged into the chosen curvature (eigen-factors)."""
+        shards = context.instance.get_dynamic_partitions(shard_partitions.name)
+        upstream = upstream_versions(delta, "projected_gradients_statistics", "gradient_projection")
+        projection, projection_row = load_projection(delta)
+        partials = delta.read("projected_gradients_statistics", filter=sql_in("shard_id", shards))
+        missing = sorted(set(shards) - set(partials["shard_id"].unique().to_list()))
+        if missing:
+            raise dg.Failure(f"{len(missing)} shard(s) have no gradient statistics yet ({missing[:5]}...); materialize projected_gradients for them first")
+        require_single(partials, "projection_hash", projection_row["projection_hash"], "gradient statistics")
+        require_single(partials, "fisher", settings.curvature.fisher, "gradient statistics")
+        merged = None
+        for _, part in partials.group_by("shard_id", maintain_order=True):
+            stats = CurvatureStatistics.from_tensors(projection.layout, frame_to_tensors(part))
+            merged = stats if merged is None else merged.merge(stats)
+        curvature = Curvature.fit(merged, settings.curvature.kind)
+        frame = tensors_to_frame(  # identity curvature has no factors: zero rows
+            curvature.to_tensors(),
+            kind=curvature.kind, fisher=settings.curvature.fisher, projection_hash=projection_row["projection_hash"],
+        ).with_columns(examples=pl.lit(merged.examples, dtype=pl.Int64), tokens=pl.lit(merged.tokens, dtype=pl.Int64))
+        version = delta.write("hessian_factors", frame, mode="overwrite", metadata=commit_metadata(context, upstream))
+        return dg.MaterializeResult(
+            metadata={"kind": curvature.kind, "fisher": settings.curvature.fisher, "shards": len(shards),
+                      "examples": merged.examples, "tokens": merged.tokens, "delta_version": version},
+            check_results=[schema_result(delta, "hessian_factors")],
+        )
+
+    return [gradient_projection, projected_gradients, hessian_factors]

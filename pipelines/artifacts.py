@@ -1,0 +1,71 @@
+"""The model checkpoint and projection a valuation uses, found through their Delta tables.
+
+`model_checkpoint` and `gradient_projection` each keep one row per materialization (the newest
+is current); the files live under `$DATAWORTH_HOME/models/<hash>` and `.../projections/<hash>`.
+Loading re-hashes the files, so a checkpoint or projection changed behind our back is refused.
+"""
+
+from pathlib import Path
+
+import polars as pl
+
+from dataworth import MismatchError, Projection
+from pipelines.home import dataworth_home
+from pipelines.lm import checkpoint_hash, load_checkpoint
+from resources.delta import DeltaStore
+
+
+def projections_dir() -> Path:
+    folder = dataworth_home() / "projections"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def latest_row(delta: DeltaStore, table: str, version: int | None = None) -> dict:
+    """The newest row of a one-row-per-materialization table (by `created_at`)."""
+    frame = delta.read(table, version=version)
+    if frame.height == 0:
+        raise LookupError(f"table {table!r} is empty; materialize the {table} asset first")
+    return frame.sort("created_at").row(-1, named=True)
+
+
+def load_model(delta: DeltaStore, version: int | None = None):
+    """(model, tokenizer, row) of the current checkpoint, its bytes verified against the row's hash."""
+    row = latest_row(delta, "model_checkpoint", version)
+    model, tokenizer, digest = load_checkpoint(row["path"])
+    if digest != row["checkpoint_hash"]:
+        raise MismatchError(
+            f"checkpoint {row['path']} hashes to {digest[:12]} but model_checkpoint recorded "
+            f"{row['checkpoint_hash'][:12]}: it changed on disk; re-materialize model_checkpoint"
+        )
+    return model, tokenizer, row
+
+
+def load_tokenizer_hash(delta: DeltaStore) -> tuple[str, str]:
+    """(checkpoint path, hash) of the current checkpoint without loading the weights."""
+    row = latest_row(delta, "model_checkpoint")
+    return row["path"], checkpoint_hash(row["path"])
+
+
+def load_projection(delta: DeltaStore, model_hash: str | None = None, version: int | None = None) -> tuple[Projection, dict]:
+    """The current projection, verified; refuses one made for another model than `model_hash`."""
+    row = latest_row(delta, "gradient_projection", version)
+    projection = Projection.load(row["path"])
+    if projection.content_hash() != row["projection_hash"]:
+        raise MismatchError(f"projection at {row['path']} does not match gradient_projection's recorded hash")
+    if model_hash is not None and row["model_hash"] != model_hash:
+        raise MismatchError(
+            f"projection {row['projection_hash'][:12]} was made for model {row['model_hash'][:12]}, not for the "
+            f"current model {model_hash[:12]}; re-materialize gradient_projection"
+        )
+    return projection, row
+
+
+def require_single(frame: pl.DataFrame, column: str, expected: str, what: str) -> None:
+    """Refuse to mix rows made with different projections or models."""
+    found = frame[column].unique().to_list()
+    if found and found != [expected]:
+        raise MismatchError(
+            f"{what} were made with {column} {sorted(x[:12] for x in found)} but the current one is "
+            f"{expected[:12]}; re-materialize the stale partitions before scoring"
+        )

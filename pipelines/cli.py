@@ -1,0 +1,128 @@
+"""`dataworth` console script: run the valuation, open the UIs, audit a valuation.
+
+    dataworth run            stage landing files (seeding the embedded corpus) and value what is stale
+    dataworth ui             Dagster UI on the state folder's instance (localhost)
+    dataworth mlflow-ui      MLflow UI on the state folder's store (localhost)
+    dataworth audit ID       lineage of a valuation (--json, --verify)
+"""
+
+import argparse
+import os
+import sys
+import time
+
+from pipelines.home import PROJECT_ROOT, dagster_home, dataworth_home, mlflow_dir
+
+DAGSTER_YAML = """telemetry:
+  enabled: false
+"""
+
+
+def use_state_folder() -> None:
+    """Point Dagster at `$DATAWORTH_HOME/dagster` (runs of the CLI and the UI share one instance)."""
+    home = dagster_home()
+    os.environ["DAGSTER_HOME"] = str(home)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+
+
+def run(_args) -> int:
+    use_state_folder()
+    import dagster as dg
+
+    from pipelines.batches import plan_landing, seed_embedded_corpus
+    from pipelines.definitions import defs, shard_partitions, valuation_job
+    from pipelines.revaluation import landing_folder, stale_work
+    from pipelines.settings import Settings
+    from resources.delta import DeltaStore
+
+    settings = Settings.load()
+    instance = dg.DagsterInstance.get()
+    folder = landing_folder(settings)
+    if settings.corpus.seed_embedded_corpus and seed_embedded_corpus(folder):
+        print(f"seeded the embedded corpus into {folder}")
+    plan = plan_landing(folder, settings.corpus.docs_per_shard)
+    for name, reason in plan.quarantined.items():
+        print(f"quarantined {name} (see {folder / '_rejected'}): {reason}", file=sys.stderr)
+    known = set(instance.get_dynamic_partitions(shard_partitions.name))
+    new = [s for s in plan.shard_ids if s not in known]
+    if new:
+        instance.add_dynamic_partitions(shard_partitions.name, new)
+        print(f"staged {len(plan.batches)} batch(es): {len(new)} new shard(s)")
+    code_versions = {a.key.path[-1]: a.code_versions_by_key[a.key] for a in defs.assets}
+    requests = stale_work(instance, DeltaStore(), code_versions)
+    if not requests:
+        print("nothing is stale: the latest valuation is up to date")
+    for req in requests:
+        started = time.perf_counter()
+        selection = [k.path[-1] for k in req.asset_selection]
+        print(f"materializing {', '.join(selection)} {req.tags or ''}", flush=True)
+        result = dg.execute_job(dg.reconstructable(valuation_job), instance, tags=req.tags, asset_selection=req.asset_selection)
+        if not result.success:
+            print(f"run {result.run_id} failed; open the Dagster UI (dataworth ui) to see why", file=sys.stderr)
+            return 1
+        print(f"run {result.run_id} succeeded in {time.perf_counter() - started:.0f} s")
+    print_summary()
+    return 0
+
+
+def print_summary() -> None:
+    from resources.delta import DeltaStore
+
+    delta = DeltaStore()
+    if delta.exists("provider_valuations"):
+        from pipelines.artifacts import latest_row
+
+        vid = latest_row(delta, "valuation_provenance")["valuation_id"]
+        table = delta.read("provider_valuations", filter=f"valuation_id = '{vid}'").sort("total_value", descending=True)
+        print(f"\nvaluation {vid} (MLflow run {table['mlflow_run_id'][0]}):")
+        for p, total, share, lo, hi in table.select("provider_id", "total_value", "share", "ci_low", "ci_high").iter_rows():
+            print(f"  {p:<14} total {total:+.4g}  share {share:6.1%}  95% interval [{lo:+.3g}, {hi:+.3g}]")
+    print(
+        f"\nState folder: {dataworth_home()}\n"
+        f"Dagster UI:  cd {PROJECT_ROOT} && .venv/bin/dataworth ui          -> http://127.0.0.1:3000\n"
+        f"MLflow UI:   cd {PROJECT_ROOT} && .venv/bin/dataworth mlflow-ui   -> http://127.0.0.1:5000\n"
+        f"Audit:       .venv/bin/dataworth audit <valuation-id> [--verify] [--json]"
+    )
+
+
+def ui(args) -> int:
+    use_state_folder()
+    command = ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    os.execvp(command[0], command)
+
+
+def mlflow_ui(args) -> int:
+    store = f"sqlite:///{mlflow_dir() / 'mlflow.db'}"
+    command = ["mlflow", "ui", "--backend-store-uri", store, "--host", args.host, "--port", str(args.port)]
+    os.execvp(command[0], command)
+
+
+def audit(args) -> int:
+    from pipelines.audit import main as audit_main
+
+    return audit_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dataworth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="stage landing files and value whatever is stale").set_defaults(func=run)
+    for name, func, port in [("ui", ui, 3000), ("mlflow-ui", mlflow_ui, 5000)]:
+        sub = commands.add_parser(name, help=f"serve the {name} on localhost")
+        sub.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+        sub.add_argument("--port", type=int, default=port)
+        sub.set_defaults(func=func)
+    sub = commands.add_parser("audit", help="print the lineage of a valuation")
+    sub.add_argument("valuation_id")
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_argument("--verify", action="store_true", help="recompute a sample of scores from the stored tables")
+    sub.add_argument("--sample", type=int, default=4, help="queries recomputed by --verify")
+    sub.set_defaults(func=audit)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

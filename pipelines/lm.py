@@ -1,0 +1,322 @@
+"""Language-model side of the pipeline: tokenizer, tiny GPT-2 training, checkpoints, generation.
+
+Checkpoints are Hugging Face directories with safetensors weights only; pickle weights
+(``*.bin``, ``*.pt``) are refused and never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.pytorch_utils import Conv1D
+
+from dataworth.errors import DataworthError
+from pipelines.shards import pad_batch
+
+ENDOFTEXT = "<|endoftext|>"
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Files any of which holds a tokenizer's vocabulary (fast, BPE, SentencePiece, WordPiece).
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
+TOKENIZER_FILES = (
+    *TOKENIZER_VOCAB_FILES,
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+# Keys that transformers writes into JSON files but that do not change the model.
+VOLATILE_JSON_KEYS = frozenset({"transformers_version", "is_local", "local_files_only"})
+
+
+class CheckpointError(DataworthError):
+    """A checkpoint directory cannot be loaded; the message names the directory and the fix."""
+
+
+class QueryTooLongError(DataworthError, ValueError):
+    """A prompt leaves no room for ``max_new_tokens`` in the model's context."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """Train a deterministic byte-level BPE tokenizer (GPT-2 style).
+
+    ``<|endoftext|>`` (id 0) is the bos, eos, unk and pad token. No special tokens are
+    added when encoding; callers append eos themselves.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=ENDOFTEXT,
+        eos_token=ENDOFTEXT,
+        unk_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+    )
+
+
+@dataclass(frozen=True)
+class TinyGPT2Config:
+    """Size of the from-scratch GPT-2; the vocabulary comes from the tokenizer.
+
+    ``dropout`` applies to embeddings, attention and residuals (0 keeps training and
+    gradients deterministic functions of the weights).
+    """
+
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    n_positions: int = 128
+    dropout: float = 0.0
+
+    def to_hf(self, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
+        """The transformers ``GPT2Config`` for this size and ``tokenizer``."""
+        eos = tokenizer.eos_token_id
+        return GPT2Config(
+            vocab_size=len(tokenizer),
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            n_positions=self.n_positions,
+            embd_pdrop=self.dropout,
+            attn_pdrop=self.dropout,
+            resid_pdrop=self.dropout,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+
+def train_tiny_gpt2(
+    sequences: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    config: TinyGPT2Config,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> GPT2LMHeadModel:
+    """Train a GPT-2 from random init with AdamW on CPU; deterministic given ``seed``.
+
+    ``sequences`` are token-id lists of 2..n_positions tokens. Each step draws
+    ``batch_size`` sequences (a seeded permutation per epoch), right-pads them to the
+    longest one and minimises the mean next-token loss over non-padding tokens.
+    ``on_step(step, loss)`` is called after each step, step = 0..steps-1.
+    Returns the model in eval mode.
+    """
+    too_long = [i for i, ids in enumerate(sequences) if len(ids) > config.n_positions]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} sequences are longer than n_positions={config.n_positions} "
+            f"(first: index {too_long[0]}); tokenize with seq_len <= n_positions"
+        )
+    if not sequences:
+        raise ValueError("no training sequences")
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config.to_hf(tokenizer))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    queue: list[int] = []
+    for step in range(steps):
+        while len(queue) < batch_size:
+            queue.extend(torch.randperm(len(sequences), generator=order).tolist())
+        batch_ids = [sequences[i] for i in queue[:batch_size]]
+        del queue[:batch_size]
+        batch = pad_batch(batch_ids, tokenizer.pad_token_id, max(len(ids) for ids in batch_ids))
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step, loss.item())
+    return model.eval()
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> str:
+    """Write ``model`` (safetensors) and ``tokenizer`` to ``directory``; return its checkpoint_hash."""
+    model.save_pretrained(directory)  # transformers 5 always writes safetensors
+    tokenizer.save_pretrained(directory)
+    return checkpoint_hash(directory)
+
+
+def _hashed_files(directory: Path) -> list[Path]:
+    """Config, generation config, safetensors weights (and shard index) and tokenizer files."""
+    names = {"config.json", "generation_config.json", *TOKENIZER_FILES}
+    files = [path for path in directory.iterdir() if path.name in names]
+    files += directory.glob("*.safetensors")
+    files += directory.glob("*.safetensors.index.json")
+    return sorted(path for path in files if path.is_file())
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file; JSON is canonicalised first (sorted keys, VOLATILE_JSON_KEYS dropped)."""
+    if path.suffix != ".json":
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    content = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(content, dict):
+        content = {key: value for key, value in content.items() if key not in VOLATILE_JSON_KEYS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def checkpoint_hash(directory: str | Path) -> str:
+    """sha256 over the sorted (file name, file sha256) of the config, weights and tokenizer files.
+
+    JSON files are hashed canonically without VOLATILE_JSON_KEYS, so saving the same
+    weights again, also after load_checkpoint, gives the same hash.
+    """
+    digest = hashlib.sha256()
+    for path in _hashed_files(Path(directory)):
+        digest.update(f"{path.name}\0{_file_digest(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_checkpoint_files(directory: Path) -> None:
+    """Raise CheckpointError unless ``directory`` holds config.json, safetensors weights and a tokenizer."""
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"checkpoint directory {directory} does not exist; train a model first or pass the path "
+            "of a local Hugging Face model directory"
+        )
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(
+            f"{directory} has no config.json; pass a Hugging Face model directory "
+            "written by save_pretrained"
+        )
+    if not any(directory.glob("*.safetensors")):
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+        if pickled:
+            raise CheckpointError(
+                f"{directory} has only pickle weights ({', '.join(pickled)}), which are refused because "
+                "unpickling can run arbitrary code; convert them to safetensors, e.g. in a trusted "
+                "environment: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)"
+            )
+        raise CheckpointError(
+            f"{directory} has no *.safetensors weights; save the model with save_pretrained "
+            "(safetensors) into this directory"
+        )
+    if not any((directory / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        raise CheckpointError(
+            f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_VOCAB_FILES)}); "
+            "save the tokenizer next to the model with tokenizer.save_pretrained(dir)"
+        )
+
+
+def load_checkpoint(directory: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load a local causal-LM checkpoint (safetensors only) as (fp32 model in eval mode, tokenizer, hash).
+
+    Raises CheckpointError for a missing directory, config, weights (or pickle-only
+    weights) or tokenizer, and for architectures that are not causal LMs or have no
+    nn.Linear / Conv1D layers.
+    """
+    directory = Path(directory)
+    _check_checkpoint_files(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (ValueError, OSError, KeyError) as error:
+        raise CheckpointError(
+            f"{directory}/config.json cannot be read by transformers ({error}); "
+            "use a checkpoint of a causal-LM architecture that transformers supports"
+        ) from error
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise CheckpointError(
+            f"{directory} holds a {config.model_type!r} model, which is not a causal language model; "
+            "use a decoder-only causal-LM checkpoint (e.g. GPT-2, Llama, Qwen)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (ValueError, OSError) as error:
+        raise CheckpointError(
+            f"{directory}: the tokenizer cannot be loaded ({error}); "
+            "re-save it with tokenizer.save_pretrained(dir)"
+        ) from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, use_safetensors=True, local_files_only=True, dtype=torch.float32
+        )
+    except (ValueError, OSError, RuntimeError) as error:
+        raise CheckpointError(f"{directory}: the model weights cannot be loaded ({error})") from error
+    if not any(isinstance(module, (nn.Linear, Conv1D)) for module in model.modules()):
+        raise CheckpointError(
+            f"{directory} holds a {config.model_type!r} model with no nn.Linear or Conv1D layers, "
+            "which gradient projection needs; use a transformer causal LM"
+        )
+    return model.eval(), tokenizer, checkpoint_hash(directory)
+
+
+def context_length(model: PreTrainedModel) -> int:
+    """Maximum number of positions (prompt + completion) the model accepts."""
+    return model.config.max_position_embeddings
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    seed: int,
+) -> list[str]:
+    """Greedy completions (only the new text, special tokens removed), one prompt at a time.
+
+    Prompts are encoded without special tokens (an empty prompt starts from bos). Raises
+    QueryTooLongError when a prompt has more than context - max_new_tokens tokens.
+    Decoding is greedy so ``seed`` only fixes torch's RNG for models that use it;
+    the global RNG state is restored afterwards.
+    """
+    limit = context_length(model) - max_new_tokens
+    encoded = [
+        tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.bos_token_id]
+        for prompt in prompts
+    ]
+    for index, ids in enumerate(encoded):
+        if len(ids) > limit:
+            raise QueryTooLongError(
+                f"prompt {index} has {len(ids)} tokens; at most {limit} fit "
+                f"(context {context_length(model)} - max_new_tokens {max_new_tokens})"
+            )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    completions = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for ids in encoded:
+            input_ids = torch.tensor([ids], device=model.device)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            completions.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True))
+    return completions

@@ -1,0 +1,92 @@
+"""Token shards: windows never cross documents, cover each document once, stable shard ids."""
+
+import random
+
+import polars as pl
+import pytest
+import torch
+
+from pipelines.lm import train_tokenizer
+from pipelines.shards import (
+    SequenceTooLongError,
+    assign_shards,
+    count_split_documents,
+    pad_batch,
+    tokenize_corpus,
+)
+
+SEQ_LEN = 16
+WORDS = ["river", "stone", "valley", "cloud", "harbor", "lantern", "meadow", "copper", "ember", "fjord"]
+
+
+def make_docs(batch_id: str, n_docs: int, seed: int) -> pl.DataFrame:
+    """Documents of 0..60 words from two providers."""
+    rng = random.Random(seed)
+    return pl.DataFrame(
+        {
+            "doc_id": [f"{batch_id}-doc{i:03d}" for i in range(n_docs)],
+            "provider_id": [f"provider{i % 2}" for i in range(n_docs)],
+            "batch_id": [batch_id] * n_docs,
+            "text": [" ".join(rng.choices(WORDS, k=rng.randint(0, 60))) for _ in range(n_docs)],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(make_docs("b0", 40, seed=0)["text"], vocab_size=300)
+
+
+def test_windows_stay_inside_documents_and_cover_them_once(tokenizer):
+    docs = make_docs("b1", 30, seed=1)
+    sequences = tokenize_corpus(docs, tokenizer, SEQ_LEN)
+
+    assert sequences.schema["input_ids"] == pl.List(pl.Int32)
+    assert sequences["n_tokens"].is_between(2, SEQ_LEN).all()
+    for doc in docs.iter_rows(named=True):
+        stream = tokenizer(doc["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows = sequences.filter(pl.col("doc_id") == doc["doc_id"]).sort("token_start")
+        assert set(rows["provider_id"]) <= {doc["provider_id"]}
+        position = 0
+        for row in rows.iter_rows(named=True):
+            assert row["token_start"] == position
+            assert row["input_ids"] == stream[row["token_start"] : row["token_end"]]
+            assert row["n_tokens"] == row["token_end"] - row["token_start"]
+            position = row["token_end"]
+        assert len(stream) - position < 2  # only a 1-token tail (or an empty doc's lone eos) is dropped
+    split = sum(len(tokenizer(text)["input_ids"]) + 1 > SEQ_LEN for text in docs["text"])
+    assert 0 < split == count_split_documents(sequences)
+
+
+def test_empty_corpus_keeps_the_schema(tokenizer):
+    sequences = tokenize_corpus(make_docs("b1", 0, seed=1), tokenizer, SEQ_LEN)
+    assert sequences.height == 0
+    assert assign_shards(sequences, 4).columns[:3] == ["shard_id", "seq_id", "seq_index"]
+
+
+def test_shards_are_per_batch_and_stable_when_a_batch_is_added(tokenizer):
+    first = tokenize_corpus(make_docs("b1", 30, seed=1), tokenizer, SEQ_LEN)
+    second = tokenize_corpus(make_docs("b2", 20, seed=2), tokenizer, SEQ_LEN)
+    before = assign_shards(first, 8)
+    after = assign_shards(pl.concat([second, first]).sample(fraction=1.0, shuffle=True, seed=3), 8)
+
+    assert after.filter(pl.col("batch_id") == "b1").equals(before)
+    assert after["seq_id"].is_unique().all()
+    per_shard = after.group_by("shard_id").agg(
+        pl.col("batch_id").n_unique(), pl.len(), pl.col("seq_index").max()
+    )
+    assert (per_shard["batch_id"] == 1).all()
+    assert (per_shard["len"] <= 8).all()
+    assert (per_shard["seq_index"] == per_shard["len"] - 1).all()
+    assert before["shard_id"][0] == "b1-0000"
+    assert before["seq_id"][9] == "b1-0001:00001"
+
+
+def test_pad_batch_right_pads_and_masks_labels():
+    batch = pad_batch([[5, 6, 7], [8]], pad_id=0, seq_len=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7, -100], [8, -100, -100, -100]]
+    assert batch["input_ids"].dtype == torch.long
+    with pytest.raises(SequenceTooLongError, match="sequence 0 has 5 tokens"):
+        pad_batch([[1, 2, 3, 4, 5]], pad_id=0, seq_len=4)
