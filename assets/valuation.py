@@ -125,8 +125,8 @@ def build(settings: Settings, model_checkpoint, gradient_projection, projected_g
         require_single(rows, "model_hash", model_hash, "training gradients")
         docs = rows["doc_id"].unique(maintain_order=True)
         providers = rows["provider_id"].unique(maintain_order=True)
-        doc_codes = torch.as_tensor(rows["doc_id"].replace_strict(docs, range(len(docs)), return_dtype=pl.Int64).to_numpy())
-        provider_codes = torch.as_tensor(rows["provider_id"].replace_strict(providers, range(len(providers)), return_dtype=pl.Int64).to_numpy())
+        doc_codes = torch.tensor(rows["doc_id"].replace_strict(docs, range(len(docs)), return_dtype=pl.Int64).to_numpy())
+        provider_codes = torch.tensor(rows["provider_id"].replace_strict(providers, range(len(providers)), return_dtype=pl.Int64).to_numpy())
 
         def blocks():
             for shard in sorted(shards):

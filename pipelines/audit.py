@@ -96,7 +96,7 @@ def verify(delta: DeltaStore, vid: str, sample: int) -> dict:
     picked = queries.head(sample)
     scorer = InfluenceScorer(binary_to_gradients(picked["gradient"]), curvature.preconditioner(config), prov["scores"]["normalize"])
     providers = grads["provider_id"].unique(maintain_order=True)
-    codes = torch.as_tensor(grads["provider_id"].replace_strict(providers, range(len(providers)), return_dtype=pl.Int64).to_numpy())
+    codes = torch.tensor(grads["provider_id"].replace_strict(providers, range(len(providers)), return_dtype=pl.Int64).to_numpy())
     result = scorer.stream(binary_to_gradients(grads["gradient"]).split(4096), groups={"provider": codes}, top_k=1)
     worst, scale = 0.0, 0.0
     for q, query_id in enumerate(picked["query_id"].to_list()):

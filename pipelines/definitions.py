@@ -4,6 +4,8 @@
 used after a fork); each reloads this module, so the settings come from the same file.
 """
 
+import warnings
+
 import dagster as dg
 
 from assets import corpus, gradients, valuation
@@ -11,6 +13,8 @@ from assets.common import shard_partitions
 from pipelines.settings import Settings
 from resources.delta import DeltaStore
 from resources.tracking import MlflowTracker
+
+warnings.filterwarnings("ignore", category=dg.BetaWarning)  # backfill_policy is beta; we rely on it deliberately
 
 EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": 2, "start_method": {"spawn": {}}})
 
