@@ -1,21 +1,25 @@
 """Capture throughput: LoGra's projected-gradient capture against a training step, on CPU.
 
-On a GPT-2-small-shaped model (random init, fp32) and the SAME token batches, measures
-  train    forward + backward with weight gradients (zero_grad, loss.backward(); no optimizer step)
-  capture  LoGra capture, rank 16 x 16 on every Conv1D of the blocks (lm_head excluded): one
-           forward + an activation-only backward, projected per-example gradients (B, D)
+On a GPT-2-small-shaped model (random init, fp32, eval mode so no method runs dropout) and the
+SAME token batches, measures
+  train    a training step: zero_grad + forward + backward with weight gradients (no optimizer step)
+  capture  LoGra capture at rank 16 x 16 on every Conv1D of the blocks (lm_head excluded): forward +
+           activation-only backward, giving projected per-example gradients (B, D); only
+           `GradientCapture.capture` is timed, as `LoGra.capture` calls it
   dense    per-example full weight gradients of the same layers (torch.func vmap(grad), or a
-           per-example loop if vmap fails; measured on the same batches) followed by a dense
-           Gaussian projection to the same D. The (D x n) matrix cannot be stored (4.2 TB for GPT-2
-           small), so its matmul is timed on a slice of `--dense-slice` columns and extrapolated
-           linearly to all n columns: that row is an EXTRAPOLATION and says so.
-Each method runs in a fresh subprocess (so peak-memory figures never mix), `--rounds` times,
-interleaved; tokens/s is batch * seq / seconds per batch, as the median (and best) over all timed
-repetitions. Peak memory is the rise of the process's peak RSS (VmHWM, reset through
-/proc/self/clear_refs after setup) above its RSS once the model and batches exist.
+           per-example loop if vmap fails), measured on the same batches, followed by a dense
+           Gaussian projection to the same D. The D x n matrix cannot be stored (4.2 TB for GPT-2
+           small), so its matmul is timed on a `--dense-slice`-column slice and scaled linearly to
+           all n columns: that figure is an EXTRAPOLATION and the report says so.
+Each method runs in fresh worker processes (`--rounds`, interleaved), so peak-memory figures never
+mix: peak memory is the rise of VmHWM (reset through /proc/self/clear_refs once the model and
+batches exist) over the RSS at that point. tokens/s is batch * seq / seconds per batch, median and
+best over the timed batches. Because other work on a shared machine moves wall times by several x,
+the capture / training ratio is also measured PAIRED: one process alternates a training step and
+a capture on each batch, and the median of the per-batch time ratios is reported.
 
-    python benchmarks/capture_throughput.py            # full run, writes benchmarks/RESULTS_capture.md
-    python benchmarks/capture_throughput.py --quick    # small shapes, about a minute, writes nothing
+    python benchmarks/capture_throughput.py            # full run (~4 min on 2 quiet cores), writes RESULTS_capture.md
+    python benchmarks/capture_throughput.py --quick    # 2 layers, short sequences, ~40 s, writes nothing
 """
 
 import argparse
@@ -40,6 +44,7 @@ import torch  # noqa: E402
 METHODS = ("train", "capture", "dense")
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "RESULTS_capture.md"
 MiB = 2**20
+QUICK = {"layers": 2, "seq": 64, "batch": 2, "warmup": 1, "reps": 3, "rounds": 1, "paired_reps": 6}
 
 
 # --------------------------------------------------------------------------- memory
@@ -65,175 +70,168 @@ def _reset_peak() -> bool:
 
 # --------------------------------------------------------------------------- workload
 
-def build(args):
-    """(model, task, batches) identical in every worker: seeded init and seeded token ids."""
+def build(args, n_batches: int):
+    """(model, task, batches), identical in every worker: seeded init and seeded token ids."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from dataworth import CausalLMTask
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=args.layers, n_positions=max(1024, args.seq))  # n_embd 768, vocab 50257
-    model = GPT2LMHeadModel(config).eval()  # dropout off in every method: the same forward math
+    model = GPT2LMHeadModel(config).eval()
     task = CausalLMTask(pad_token_id=0)
     g = torch.Generator().manual_seed(1)
     batches = [
         task.collate([torch.randint(1, config.vocab_size, (args.seq,), generator=g).tolist() for _ in range(args.batch)])
-        for _ in range(args.warmup + args.reps)
-    ]  # each: input_ids / attention_mask / labels (B, T), no padding
+        for _ in range(n_batches)
+    ]  # input_ids / attention_mask / labels, each (B, T), no padding
     return model, task, batches
 
 
-def projection_config():
-    from dataworth import ProjectionConfig
+def new_logra(model, task):
+    from dataworth import LoGra, ProjectionConfig
 
-    return ProjectionConfig(rank_in=16, rank_out=16, exclude=("lm_head",))
-
-
-def make_train_step(model, task, args):
-    for p in model.parameters():
-        p.requires_grad_(True)
-
-    def step(batch):
-        model.zero_grad(set_to_none=True)
-        task.loss(model, batch).backward()
-
-    return step, {}, lambda: None
+    return LoGra(model, task, ProjectionConfig(rank_in=16, rank_out=16, exclude=("lm_head",)))
 
 
-def make_capture_step(model, task, args):
-    from dataworth import GradientCapture, LoGra
-
-    logra = LoGra(model, task, projection_config())
-    capture = GradientCapture(model, logra.projection, task).__enter__()
-
-    def step(batch):
-        result = capture.capture(batch)
-        assert result.gradients.shape == (args.batch, logra.projection.layout.dim)
-
-    info = {"D": logra.projection.layout.dim, "layers_tracked": len(logra.projection.layers)}
-    return step, info, lambda: capture.__exit__(None, None, None)
+def train_step(model, task, batch) -> None:
+    model.zero_grad(set_to_none=True)
+    task.loss(model, batch).backward()
 
 
-def make_dense_step(model, task, args):
-    """Per-example weight gradients of LoGra's layers, then (B, n) @ (n, D) extrapolated from a slice."""
+def per_example_gradients(model, names: list[str]):
+    """ids (B, T) -> {weight name: (B, *weight.shape)} per-example gradients, and how they were made."""
     import torch.nn.functional as F
     from torch.func import functional_call, grad, vmap
 
-    from dataworth import LoGra
-
-    logra = LoGra(model, task, projection_config())
-    dim = logra.projection.layout.dim
-    names = [f"{n}.weight" for n in logra.projection.layers]
     params = {k: v.detach() for k, v in model.named_parameters()}
     tracked = {k: params[k] for k in names}
     rest = {k: v for k, v in params.items() if k not in tracked}
-    n_total = sum(t.numel() for t in tracked.values())
-    cols = min(args.dense_slice, tracked[names[0]].numel())  # a slice of the first layer's gradient
-    g = torch.Generator().manual_seed(2)
-    slice_matrix = torch.randn(cols, dim, generator=g) / dim**0.5  # (cols, D): columns [0, cols) of P^T
 
-    def loss_one(weights, ids):  # one example, no padding: the same loss as CausalLMTask
+    def loss_one(weights, ids):  # one unpadded example: the loss CausalLMTask computes for it
         logits = functional_call(model, {**rest, **weights}, (), {"input_ids": ids[None]}).logits[0, :-1]
         return F.cross_entropy(logits.float(), ids[1:], reduction="sum")
 
-    per_example = {"impl": "vmap"}
+    impl = {"name": "vmap"}
 
-    def gradients(ids):  # layer weight -> (B, *weight.shape)
-        if per_example["impl"] == "vmap":
+    def gradients(ids):
+        if impl["name"] == "vmap":
             try:
                 return vmap(grad(loss_one), in_dims=(None, 0))(tracked, ids)
             except Exception as err:  # noqa: BLE001 - any vmap limitation: fall back to a loop
-                per_example["impl"] = f"loop (vmap failed: {type(err).__name__})"
+                impl["name"] = f"per-example loop (vmap failed: {type(err).__name__})"
         rows = [grad(loss_one)(tracked, ids[b]) for b in range(ids.shape[0])]
         return {k: torch.stack([r[k] for r in rows]) for k in names}
 
-    timings = []
-
-    def step(batch):
-        t0 = time.perf_counter()
-        grads = gradients(batch["input_ids"])
-        t1 = time.perf_counter()
-        flat = grads[names[0]].reshape(args.batch, -1)  # (B, n_0)
-        chunk = flat[:, :cols]  # (B, cols)
-        repeats = args.dense_slice_repeats
-        t2 = time.perf_counter()
-        for _ in range(repeats):
-            projected = chunk @ slice_matrix  # (B, D): the first cols columns' share of P g
-        t3 = time.perf_counter()
-        assert projected.shape == (args.batch, dim)
-        slice_s = (t3 - t2) / repeats
-        timings.append({"grad_s": t1 - t0, "slice_s": slice_s, "projection_s": slice_s * n_total / cols})
-
-    info = {
-        "D": dim,
-        "n": n_total,
-        "slice_cols": cols,
-        "slice_mib": slice_matrix.numel() * 4 / MiB,
-        "matrix_bytes": dim * n_total * 4,
-        "per_example": per_example,
-        "timings": timings,
-    }
-    return step, info, lambda: None
+    return gradients, impl
 
 
-def worker(args) -> dict:
-    """One method in this (fresh) process; returns its timings and peak memory as a dict."""
-    model, task, batches = build(args)
-    make = {"train": make_train_step, "capture": make_capture_step, "dense": make_dense_step}[args.worker]
-    step, info, close = make(model, task, args)
+def measure(batches, warmup: int, step) -> tuple[list[float], int, int, bool]:
+    """Timed seconds per batch after `warmup` batches, and (baseline RSS, peak RSS) in KiB."""
     gc.collect()
     baseline = _status_kib("VmRSS")
     reset = _reset_peak()
-    times, cpu_times = [], []
+    times = []
     for i, batch in enumerate(batches):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         step(batch)
-        if i >= args.warmup:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-    peak = _status_kib("VmHWM")
-    close()
-    if args.worker == "dense":  # seconds per batch: per-example gradients + extrapolated projection
-        timed = info.pop("timings")[args.warmup :]
-        times = [t["grad_s"] + t["projection_s"] for t in timed]
-        info["grad_times"] = [t["grad_s"] for t in timed]
-        info["slice_times"] = [t["slice_s"] for t in timed]
-        info["per_example"] = info["per_example"]["impl"]
-    return {
-        "method": args.worker,
-        "times": times,
-        "cpu_times": cpu_times,
-        "load": os.getloadavg()[0],
-        "peak_delta_mib": (peak - baseline) / 1024,
-        "baseline_mib": baseline / 1024,
-        "peak_reset": reset,
-        "params": sum(p.numel() for p in model.parameters()),
-        **info,
-    }
+    return times, baseline, _status_kib("VmHWM"), reset
+
+
+def worker(args) -> dict:
+    """One method in this fresh process (or the paired timing); a JSON-able dict of results."""
+    from dataworth import GradientCapture
+
+    n_batches = args.warmup + (args.paired_reps if args.worker == "paired" else args.reps)
+    model, task, batches = build(args, n_batches)
+    out = {"method": args.worker, "params": sum(p.numel() for p in model.parameters())}
+    if args.worker == "train":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        times, base, peak, reset = measure(batches, args.warmup, lambda b: train_step(model, task, b))
+    elif args.worker == "capture":
+        logra = new_logra(model, task)
+        out |= {"D": logra.projection.layout.dim, "layers_tracked": len(logra.projection.layers)}
+        with GradientCapture(model, logra.projection, task) as capture:
+            times, base, peak, reset = measure(batches, args.warmup, capture.capture)
+    elif args.worker == "paired":  # alternate train / capture per batch, in alternating order
+        logra = new_logra(model, task)
+        capture = GradientCapture(model, logra.projection, task)
+        train_t, capture_t = [], []
+
+        def timed_capture(batch):
+            with capture:  # freezes parameters while open; entering and leaving is not timed
+                t0 = time.perf_counter()
+                capture.capture(batch)
+                return time.perf_counter() - t0
+
+        def timed_train(batch):
+            t0 = time.perf_counter()
+            train_step(model, task, batch)
+            return time.perf_counter() - t0
+
+        for i, batch in enumerate(batches):
+            if i % 2 == 0:
+                t_train, t_capture = timed_train(batch), timed_capture(batch)
+            else:
+                t_capture, t_train = timed_capture(batch), timed_train(batch)
+            if i >= args.warmup:
+                train_t.append(t_train)
+                capture_t.append(t_capture)
+        return out | {"train_times": train_t, "capture_times": capture_t}
+    else:  # dense
+        logra = new_logra(model, task)
+        dim = logra.projection.layout.dim
+        names = [f"{n}.weight" for n in logra.projection.layers]
+        n_total = sum(model.get_parameter(k).numel() for k in names)
+        cols = min(args.dense_slice, model.get_parameter(names[0]).numel())  # a slice of the first layer's gradient
+        slice_matrix = torch.randn(cols, dim, generator=torch.Generator().manual_seed(2)) / dim**0.5  # (cols, D)
+        gradients, impl = per_example_gradients(model, names)
+        parts = []
+
+        def step(batch):
+            t0 = time.perf_counter()
+            grads = gradients(batch["input_ids"])  # weight -> (B, n_out, n_in)
+            t1 = time.perf_counter()
+            chunk = grads[names[0]].reshape(args.batch, -1)[:, :cols]  # (B, cols)
+            for _ in range(args.dense_slice_repeats):
+                projected = chunk @ slice_matrix  # (B, D): these columns' share of P vec(dW)
+            slice_s = (time.perf_counter() - t1) / args.dense_slice_repeats
+            assert projected.shape == (args.batch, dim)
+            parts.append((t1 - t0, slice_s))
+
+        _, base, peak, reset = measure(batches, args.warmup, step)
+        parts = parts[args.warmup :]
+        times = [g + s * n_total / cols for g, s in parts]  # per-example gradients + extrapolated projection
+        out |= {
+            "D": dim, "n": n_total, "slice_cols": cols, "slice_mib": slice_matrix.numel() * 4 / MiB,
+            "matrix_bytes": dim * n_total * 4, "per_example": impl["name"],
+            "grad_times": [g for g, _ in parts], "slice_times": [s for _, s in parts],
+        }  # fmt: skip
+    return out | {"times": times, "peak_delta_mib": (peak - base) / 1024, "peak_reset": reset, "load": os.getloadavg()[0]}
 
 
 # --------------------------------------------------------------------------- driver
 
 def run_worker(method: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, *worker_flags(args)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    flags = [
+        "--layers", str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch), "--warmup", str(args.warmup),
+        "--reps", str(args.reps), "--paired-reps", str(args.paired_reps), "--dense-slice", str(args.dense_slice),
+        "--dense-slice-repeats", str(args.dense_slice_repeats),
+    ]  # fmt: skip
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", method, *flags], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{method} worker failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def worker_flags(args) -> list[str]:
-    return [
-        "--layers", str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch),
-        "--warmup", str(args.warmup), "--reps", str(args.reps),
-        "--dense-slice", str(args.dense_slice), "--dense-slice-repeats", str(args.dense_slice_repeats),
-    ]  # fmt: skip
-
-
 def machine() -> dict:
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu": cpu,
@@ -246,81 +244,70 @@ def machine() -> dict:
     }
 
 
-def summarise(runs: list[dict], tokens: int) -> dict:
-    times = [t for r in runs for t in r["times"]]
-    return {
-        "median_s": statistics.median(times),
-        "best_s": min(times),
-        "tok_s": tokens / statistics.median(times),
-        "tok_s_best": tokens / min(times),
-        "peak_mib": max(r["peak_delta_mib"] for r in runs),
-        "cpu_s": statistics.median(t for r in runs for t in r["cpu_times"]),  # process CPU seconds, all threads
-        "n": len(times),
-    }
+def _rate(tokens: int, seconds: float) -> str:
+    value = tokens / seconds
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
-def report(args, runs: dict[str, list[dict]], info: dict, elapsed: float, loads: tuple) -> str:
+def report(args, runs: dict[str, list[dict]], info: dict) -> tuple[str, float]:
+    """The Markdown table and notes; returns (text, paired median capture/train ratio)."""
     tokens = args.batch * args.seq
-    s = {m: summarise(r, tokens) for m, r in runs.items()}
-    train = s["train"]
-    dense = runs["dense"][0] if "dense" in runs else None
+    times = {m: [t for r in rs for t in r["times"]] for m, rs in runs.items() if m != "paired"}
+    med = {m: statistics.median(t) for m, t in times.items()}
+    best = {m: min(t) for m, t in times.items()}
+    peak = {m: max(r["peak_delta_mib"] for r in rs) for m, rs in runs.items() if m != "paired"}
+    cap = runs["capture"][0]
     labels = {
-        "train": "training step (fwd + bwd, weight grads)",
-        "capture": "LoGra capture (rank 16x16, D = {D})".format(D=runs["capture"][0]["D"]),
-        "dense": "per-example grads + dense projection to D (EXTRAPOLATED, see below)",
+        "train": "training step (fwd + bwd with weight grads)",
+        "capture": f"LoGra capture (rank 16x16 on {cap['layers_tracked']} layers, D = {cap['D']:,})",
+        "dense": "per-example grads + dense projection to the same D (EXTRAPOLATED, see note)",
     }
-    lines = [
-        "| method | tokens/s (median) | tokens/s (best) | s / batch (median) | CPU s / batch (median) | peak RSS rise (MiB) | x training step (median / best) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    rows = [
+        "| method | tokens/s (median) | tokens/s (best) | s / batch (median) | peak RSS rise (MiB) | vs training step (median / best) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for m in runs:
-        r = s[m]
-        ratio = f"{r['tok_s'] / train['tok_s']:.2f} / {r['tok_s_best'] / train['tok_s_best']:.2f}"
-        fmt = "{:.1f}" if r["tok_s"] < 10 else "{:.0f}"
-        lines.append(
-            f"| {labels[m]} | {fmt.format(r['tok_s'])} | {fmt.format(r['tok_s_best'])} | {r['median_s']:.3f} | "
-            f"{'n/a' if m == 'dense' else format(r['cpu_s'], '.3f')} | {r['peak_mib']:.0f} | {ratio} |"
+
+    def row(label, t_med, t_best, mib):
+        ratio = f"{med['train'] / t_med:.2f}x / {best['train'] / t_best:.2f}x"
+        return f"| {label} | {_rate(tokens, t_med)} | {_rate(tokens, t_best)} | {t_med:.3f} | {mib:.0f} | {ratio} |"
+
+    for m in times:
+        rows.append(row(labels[m], med[m], best[m], peak[m]))
+    notes = []
+    if "dense" in runs:
+        d = runs["dense"][0]
+        grad_t = [t for r in runs["dense"] for t in r["grad_times"]]
+        rows.append(row(f"per-example full grads alone, no projection (measured, {d['per_example']})",
+                        statistics.median(grad_t), min(grad_t), peak["dense"]))  # fmt: skip
+        slice_med = statistics.median(t for r in runs["dense"] for t in r["slice_times"])
+        params = runs["train"][0]["params"]
+        notes.append(
+            f"Dense rows: the per-example gradients of all {cap['layers_tracked']} tracked layers are measured on the same "
+            f"batches ({d['per_example']}); their peak RSS rise is the gradients and activations, not the projection "
+            f"matrix. The projection (B, n) @ (n, D), n = {d['n']:,} gradient entries per example, D = {d['D']:,}, is "
+            f"timed on a {d['slice_cols']:,}-column slice ({d['slice_mib']:.0f} MiB of fp32 matrix: {slice_med * 1e3:.1f} ms "
+            f"per batch, {2 * args.batch * d['slice_cols'] * d['D'] / slice_med / 1e9:.1f} GFLOP/s) and scaled by "
+            f"n / slice = {d['n'] / d['slice_cols']:,.0f}: an extrapolation, which assumes the whole matrix could be read "
+            f"at the slice's rate. It cannot even be stored: D x n x 4 bytes = {d['matrix_bytes']:,} bytes = "
+            f"{d['matrix_bytes'] / 1e12:,.2f} TB in fp32, against {info['memory_gib']} GiB of RAM here. In arithmetic "
+            f"alone the projection costs 2 D n = {2 * d['D'] * d['n'] / 1e12:,.2f} TFLOP per example "
+            f"({2 * d['D'] * d['n'] / args.seq / 1e9:,.1f} GFLOP per token), against about 6 x {params / 1e6:.0f}M "
+            f"parameters = {6 * params / 1e9:.2f} GFLOP per token for a whole training step."
         )
-    if dense:
-        grad_times = [t for r in runs["dense"] for t in r["grad_times"]]
-        slice_times = [t for r in runs["dense"] for t in r["slice_times"]]
-        grad_med = statistics.median(grad_times)
-        lines.append(
-            f"| per-example full grads alone (measured, no projection, {dense['per_example']}) | "
-            f"{tokens / grad_med:.0f} | {tokens / min(grad_times):.0f} | {grad_med:.3f} | n/a | {s['dense']['peak_mib']:.0f} | "
-            f"{tokens / grad_med / train['tok_s']:.2f} / {tokens / min(grad_times) / train['tok_s_best']:.2f} |"
-        )
-    table = "\n".join(lines)
-    out = [table, ""]
-    if dense:
-        slice_med = statistics.median(slice_times)
-        flops = 2 * args.batch * dense["slice_cols"] * dense["D"] / slice_med
-        tb = dense["matrix_bytes"] / 1e12
-        out += [
-            f"Dense row: per-example gradients of all {runs['capture'][0]['layers_tracked']} tracked layers are measured "
-            f"on the same batches ({dense['per_example']}); the dense projection (B, n) @ (n, D) with "
-            f"n = {dense['n']:,} gradient entries per example and D = {dense['D']:,} is timed on a "
-            f"{dense['slice_cols']:,}-column slice ({dense['slice_mib']:.0f} MiB of fp32 matrix, "
-            f"{slice_med * 1e3:.1f} ms per batch, {flops / 1e9:.1f} GFLOP/s) and scaled by n / slice = "
-            f"{dense['n'] / dense['slice_cols']:,.0f}. That assumes the full matrix could be read at the slice's rate; "
-            f"it cannot even be stored: D x n x 4 bytes = {dense['matrix_bytes']:,} bytes = {tb:,.2f} TB in fp32 "
-            f"(this machine has {info['memory_gib']} GiB). In arithmetic alone the projection costs 2 D n = "
-            f"{2 * dense['D'] * dense['n'] / 1e12:,.2f} TFLOP per example ({2 * dense['D'] * dense['n'] / args.seq / 1e9:,.1f} "
-            f"GFLOP per token), against about 6 x {runs['train'][0]['params'] / 1e6:.0f}M parameters = "
-            f"{6 * runs['train'][0]['params'] / 1e9:.2f} GFLOP per token for a whole training step. Its peak RSS rise counts the per-example gradients and "
-            "activations; the slice matrix is allocated before the baseline.",
-            "",
-        ]
-    ratio = s["capture"]["tok_s"] / train["tok_s"]
-    out.append(
-        f"Capture / training step: {ratio:.2f}x tokens/s at the median, "
-        f"{s['capture']['tok_s_best'] / train['tok_s_best']:.2f}x best-to-best "
-        f"(target >= 1.3x; about 1.5x is the matmul-FLOP bound: capture skips the weight-gradient matmuls, a third of a training step's); "
-        f"{train['cpu_s'] / s['capture']['cpu_s']:.2f}x on process CPU time per batch, which other load on the "
-        "machine disturbs less than wall time."
+    paired = runs["paired"]
+    train_p = [t for r in paired for t in r["train_times"]]
+    capture_p = [t for r in paired for t in r["capture_times"]]
+    ratios = sorted(a / b for a, b in zip(train_p, capture_p))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    ratio = statistics.median(ratios)
+    notes.append(
+        f"Paired ({len(ratios)} batches, one process alternating a training step and a capture on each batch, "
+        f"order alternating): training step {_rate(tokens, statistics.median(train_p))} tokens/s, capture "
+        f"{_rate(tokens, statistics.median(capture_p))} tokens/s (medians); per-batch capture / training-step "
+        f"throughput ratio median **{ratio:.2f}x** (quartiles {q[0]:.2f}-{q[2]:.2f}). Target >= 1.3x; about 1.5x is "
+        "the matmul-FLOP bound, since capture skips the weight-gradient matmuls, a third of a training step's."
     )
-    out.append(f"Load average (1 min) before / after: {loads[0]:.2f} / {loads[1]:.2f}; wall time {elapsed:.0f} s.")
-    return "\n".join(out)
+    return "\n".join(rows) + "\n\n" + "\n\n".join(notes), ratio
 
 
 def main(argv=None):
@@ -329,41 +316,44 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=4, help="sequences per batch")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per worker")
-    parser.add_argument("--reps", type=int, default=5, help="timed batches per worker")
-    parser.add_argument("--rounds", type=int, default=4, help="fresh workers per method, interleaved")
-    parser.add_argument("--dense-rounds", type=int, default=1, help="rounds that also run the (slow) dense worker")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of train,capture,dense")
+    parser.add_argument("--reps", type=int, default=5, help="timed batches per method worker")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh workers per method (train, capture), interleaved")
+    parser.add_argument("--paired-reps", type=int, default=10, help="timed batches of the paired train/capture worker")
+    parser.add_argument("--methods", default=",".join(METHODS), help="train,capture[,dense]")
     parser.add_argument("--dense-slice", type=int, default=8192, help="projection columns actually multiplied")
     parser.add_argument("--dense-slice-repeats", type=int, default=3, help="slice matmuls averaged per batch")
-    parser.add_argument("--quick", action="store_true", help="2 layers, seq 64, batch 2, 1 round: about a minute")
-    parser.add_argument("--output", help=f"results file (default {DEFAULT_OUTPUT.relative_to(ROOT)}; none with --quick)")
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run; writes nothing by default")
+    parser.add_argument("--output", help=f"results file (default {DEFAULT_OUTPUT.relative_to(ROOT)}, none with --quick)")
+    parser.add_argument("--worker", choices=(*METHODS, "paired"), help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return
     if args.quick:
-        explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-        for flag, value in [("layers", 2), ("seq", 64), ("batch", 2), ("warmup", 1), ("reps", 3), ("rounds", 1)]:
-            if f"--{flag}" not in explicit:
-                setattr(args, flag, value)
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        for name, value in QUICK.items():
+            if name not in given:
+                setattr(args, name, value)
     methods = [m.strip() for m in args.methods.split(",")]
-    if not {"train", "capture"} <= set(methods) or not set(methods) <= set(METHODS):
+    if not {"train", "capture"} <= set(methods) <= set(METHODS):
         parser.error("--methods must include train and capture, from train,capture,dense")
     info = machine()
-    command = "python " + shlex.join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)) if Path(sys.argv[0]).exists() else sys.argv[0], *sys.argv[1:]])
+    command = "python " + shlex.join(["benchmarks/capture_throughput.py", *argv])
     print(f"{command}\n{info}\nGPT-2 shape: {args.layers} layers, n_embd 768, vocab 50257; batch {args.batch} x seq {args.seq}")
     start, load_before = time.time(), os.getloadavg()[0]
-    runs = {m: [] for m in methods}
-    for r in range(args.rounds):
-        order = [m for m in methods if m != "dense" or r < args.dense_rounds]
-        for m in order if r % 2 == 0 else order[::-1]:  # interleaved, so load drifts hit all alike
-            result = run_worker(m, args)
-            runs[m].append(result)
-            print(f"round {r + 1}/{args.rounds} {m:8s} s/batch {[round(t, 3) for t in result['times']]} "
-                  f"peak RSS rise {result['peak_delta_mib']:.0f} MiB", flush=True)  # fmt: skip
+    runs = {m: [] for m in [*methods, "paired"]}
+    plan = [m for r in range(args.rounds) for m in (["train", "capture"] if r % 2 == 0 else ["capture", "train"])]
+    plan += ["paired"] + (["dense"] if "dense" in methods else [])
+    for m in plan:
+        result = run_worker(m, args)
+        runs[m].append(result)
+        shown = result.get("times") or [round(a / b, 2) for a, b in zip(result["train_times"], result["capture_times"])]
+        label = "train/capture ratios" if m == "paired" else "s/batch"
+        print(f"{m:8s} {label} {[round(t, 3) for t in shown]}", flush=True)
     elapsed, load_after = time.time() - start, os.getloadavg()[0]
-    text = report(args, runs, info, elapsed, (load_before, load_after))
+    text, ratio = report(args, runs, info)
+    text += f"\n\nLoad average (1 min) before / after: {load_before:.2f} / {load_after:.2f}; wall time {elapsed:.0f} s."
     print("\n" + text)
     output = args.output or (None if args.quick else str(DEFAULT_OUTPUT))
     if output:
@@ -373,28 +363,30 @@ def main(argv=None):
 
 def write_results(path: Path, command: str, info: dict, args, text: str, runs: dict) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    raw = {m: [[round(t, 4) for t in r["times"]] for r in rs] for m, rs in runs.items()}
+    raw = {m: [[round(t, 4) for t in r["times"]] for r in rs] for m, rs in runs.items() if m != "paired"}
+    raw["paired train"] = [[round(t, 4) for t in r["train_times"]] for r in runs["paired"]]
+    raw["paired capture"] = [[round(t, 4) for t in r["capture_times"]] for r in runs["paired"]]
     body = [
         "# Capture throughput: LoGra capture vs a training step (CPU)",
         "",
-        f"Command (from the repository root, in the project's virtualenv): `{command}`",
+        f"Command, from the repository root in the project's virtualenv: `{command}`",
         "",
-        f"Date: {date}. Machine: {info['nproc']} CPU cores ({info['cpu']}), {info['memory_gib']} GiB RAM, "
-        f"torch {info['torch']} ({info['torch_threads']} threads, default), transformers {info['transformers']}, "
-        f"Python {info['python']}, {info['platform']}.",
+        f"Date: {date}. Machine: {info['nproc']} CPU cores ({info['cpu']}), {info['memory_gib']} GiB RAM, torch "
+        f"{info['torch']} ({info['torch_threads']} threads, the default), transformers {info['transformers']}, Python "
+        f"{info['python']}, {info['platform']}.",
         "",
         f"Model: `GPT2LMHeadModel(GPT2Config(n_layer={args.layers}))`, random init, fp32, eval mode (no dropout in any "
-        f"method). Batches: {args.warmup} warm-up + {args.reps} timed, {args.batch} sequences x {args.seq} random tokens, "
-        f"identical in every method; {args.rounds} fresh worker processes per method, interleaved. tokens/s counts "
-        f"batch x seq input tokens per batch. Peak RSS rise: VmHWM (reset after setup) minus RSS after setup, per fresh "
-        f"process.",
+        f"method). Batches: {args.batch} sequences x {args.seq} random tokens, identical in every method; per worker "
+        f"{args.warmup} warm-up then {args.reps} timed batches, {args.rounds} fresh workers per method, interleaved. "
+        "tokens/s counts batch x seq input tokens. Peak RSS rise: VmHWM (reset after setup) minus RSS after setup, "
+        "per fresh process.",
         "",
         text,
         "",
-        "Seconds per timed batch, per worker (round order):",
+        "Seconds per timed batch, per worker:",
         "",
         "```json",
-        json.dumps(raw, indent=1),
+        json.dumps(raw),
         "```",
         "",
     ]
