@@ -1,6 +1,5 @@
 """gradient_projection, projected_gradients (the GPU step, per shard) and hessian_factors."""
 
-import shutil
 import time
 from datetime import datetime, timezone
 
@@ -98,7 +97,7 @@ def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoin
             examples = examples_of(seqs)
             stats = logra.new_statistics()
 
-            def progress(done: int, total: int) -> None:
+            def progress(done: int, total: int, shard: str = shard) -> None:
                 if done == total or done % (20 * settings.capture_batch_size) == 0:
                     context.log.info(f"{shard}: {done}/{total} sequences")
 

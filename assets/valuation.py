@@ -7,7 +7,6 @@ import time
 from datetime import datetime, timezone
 
 import dagster as dg
-import numpy as np
 import polars as pl
 import torch
 

@@ -244,6 +244,18 @@ def machine() -> dict:
     }
 
 
+def contention() -> str:
+    """1-minute load average, and CPU pressure (share of time some task waited for a CPU) where the kernel has it."""
+    text = f"load {os.getloadavg()[0]:.2f}"
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = dict(kv.split("=") for kv in f.readline().split()[1:])
+        text += f", CPU pressure {some['avg60']}% (60 s avg)"
+    except OSError:
+        pass
+    return text
+
+
 def _rate(tokens: int, seconds: float) -> str:
     value = tokens / seconds
     return f"{value:.2f}" if value < 10 else f"{value:.0f}"
@@ -341,7 +353,7 @@ def main(argv=None):
     info = machine()
     command = "python " + shlex.join(["benchmarks/capture_throughput.py", *argv])
     print(f"{command}\n{info}\nGPT-2 shape: {args.layers} layers, n_embd 768, vocab 50257; batch {args.batch} x seq {args.seq}")
-    start, load_before = time.time(), os.getloadavg()[0]
+    start, before = time.time(), contention()
     runs = {m: [] for m in [*methods, "paired"]}
     plan = [m for r in range(args.rounds) for m in (["train", "capture"] if r % 2 == 0 else ["capture", "train"])]
     plan += ["paired"] + (["dense"] if "dense" in methods else [])
@@ -351,9 +363,9 @@ def main(argv=None):
         shown = result.get("times") or [round(a / b, 2) for a, b in zip(result["train_times"], result["capture_times"])]
         label = "train/capture ratios" if m == "paired" else "s/batch"
         print(f"{m:8s} {label} {[round(t, 3) for t in shown]}", flush=True)
-    elapsed, load_after = time.time() - start, os.getloadavg()[0]
+    elapsed, after = time.time() - start, contention()
     text, ratio = report(args, runs, info)
-    text += f"\n\nLoad average (1 min) before / after: {load_before:.2f} / {load_after:.2f}; wall time {elapsed:.0f} s."
+    text += f"\n\nOther work on the machine, before: {before}; after: {after}. Wall time {elapsed:.0f} s."
     print("\n" + text)
     output = args.output or (None if args.quick else str(DEFAULT_OUTPUT))
     if output:

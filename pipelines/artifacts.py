@@ -11,7 +11,7 @@ import polars as pl
 
 from dataworth import MismatchError, Projection
 from pipelines.home import dataworth_home
-from pipelines.lm import checkpoint_hash, load_checkpoint
+from pipelines.lm import load_checkpoint
 from resources.delta import DeltaStore
 
 
@@ -39,12 +39,6 @@ def load_model(delta: DeltaStore, version: int | None = None):
             f"{row['checkpoint_hash'][:12]}: it changed on disk; re-materialize model_checkpoint"
         )
     return model, tokenizer, row
-
-
-def load_tokenizer_hash(delta: DeltaStore) -> tuple[str, str]:
-    """(checkpoint path, hash) of the current checkpoint without loading the weights."""
-    row = latest_row(delta, "model_checkpoint")
-    return row["path"], checkpoint_hash(row["path"])
 
 
 def load_projection(delta: DeltaStore, model_hash: str | None = None, version: int | None = None) -> tuple[Projection, dict]:

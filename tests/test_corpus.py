@@ -20,6 +20,7 @@ from pipelines.corpus import (
     read_landing_file,
     validate_documents,
 )
+from pipelines.batches import assign_shards
 from pipelines.schemas import validate
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -54,7 +55,7 @@ def test_jsonl_happy_path(tmp_path):
     expected_batch = "b-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     assert rows["batch_id"].unique().to_list() == [expected_batch]
     assert (report.appended, report.skipped_duplicates, report.rejected.height) == (2, 0, 0)
-    assert validate("training_corpus", rows) == []
+    assert validate("training_corpus", assign_shards(rows, expected_batch, docs_per_shard=1)) == []  # as staged
 
 
 def test_parquet_happy_path(tmp_path):

@@ -146,3 +146,20 @@ def test_same_seed_gives_bit_identical_projections_across_processes(tmp_path):
     digest = here.save(tmp_path / "proj")
     loaded = Projection.load(tmp_path / "proj")
     assert digest == loaded.content_hash() == here.content_hash()
+
+
+def test_llama_capture_equals_brute_force():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(5)
+    sequences = [torch.randint(1, 40, (n,), generator=g).tolist() for n in (8, 4, 11)]
+    logra = LoGra(model, CausalLMTask(pad_token_id=0), ProjectionConfig(rank_in=5, rank_out=4, exclude=("lm_head",)), batch_size=3)
+    kinds = {n: s.kind for n, s in logra.projection.layers.items()}
+    assert set(kinds) == {f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    captured = logra.capture(sequences)
+    expected = explicit_projection(logra.projection, hf_per_example_grads(model, sequences, kinds))
+    torch.testing.assert_close(captured.double(), expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,180 @@
+"""Attribution quality harness: LDS, seed agreement, brittleness and provider identification.
+
+Pure functions shared by benchmarks/quality.py and the valuation_quality asset (no Dagster).
+Shapes: N training examples, Q queries, m subsets, S retraining seeds, P providers;
+scores (N, Q) with score > 0 meaning "the example lowers the query's loss"; subset masks
+(m, N) bool; retrained query losses (S, m, Q), each a sum of token NLLs (nats).
+"""
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dataworth import Curvature, CurvatureConfig, InfluenceScorer, LoGra, ProjectionConfig
+from dataworth.task import IGNORE, Task
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """How each subset is fine-tuned from the fixed base model (AdamW, mean token loss)."""
+
+    subsets: int = 8  # m
+    seeds: int = 2  # S: retrainings per subset, differing in data order
+    fraction: float = 0.5  # of the training set in each subset
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 8
+    seed: int = 0  # fixes the subsets and every data order
+
+
+def subset_masks(n: int, m: int, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """(m, n) bool, each row exactly round(fraction * n) True, reproducible from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(m, n, dtype=torch.bool)
+    for row in masks:
+        row[torch.randperm(n, generator=generator)[: round(fraction * n)]] = True
+    return masks
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean rank), 0-based, float64."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x[np.diff(np.sort(x), prepend=np.nan) == 0]):
+        ranks[x == value] = ranks[x == value].mean()
+    return ranks
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two 1-D sequences; nan when either is constant."""
+    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def predicted_losses(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(m, Q) float64: minus the sum of each subset's scores (higher = larger predicted loss)."""
+    return -(masks.double() @ scores.double())
+
+
+def lds_per_query(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """(Q,) Spearman over subsets between predicted and actual loss; losses (m, Q), or (S, m, Q)
+    averaged over seeds first."""
+    actual = losses.double().mean(0) if losses.ndim == 3 else losses.double()
+    predicted = predicted_losses(scores, masks)
+    return torch.tensor([spearman(predicted[:, q], actual[:, q]) for q in range(actual.shape[1])])
+
+
+def seed_agreement(losses: torch.Tensor) -> torch.Tensor:
+    """(Q,) Spearman across subsets between seed 0's and seed 1's losses (S, m, Q): how much of the
+    ground truth is subset effect rather than retraining noise."""
+    return torch.tensor([spearman(losses[0, :, q], losses[1, :, q]) for q in range(losses.shape[2])])
+
+
+def provider_accuracy(group_sums: torch.Tensor, providers: torch.Tensor) -> float:
+    """Fraction of queries whose own provider (Q,) has the largest summed score in (P, Q)."""
+    return float((group_sums.argmax(0) == torch.as_tensor(providers)).double().mean())
+
+
+def group_sums(scores: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(G, Q) float64 sums of the scores (N, Q) of each group's rows; groups (N,) int64."""
+    return torch.zeros(n_groups, scores.shape[1], dtype=torch.float64).index_add_(0, groups, scores.double())
+
+
+@torch.no_grad()
+def example_losses(model: nn.Module, task: Task, examples: Sequence) -> torch.Tensor:
+    """(Q,) float64 each example's query loss (sum of target-token NLLs), one at a time."""
+    model.eval()
+    return torch.tensor([float(task.query_loss(model, task.collate([e]))) for e in examples], dtype=torch.float64)
+
+
+def fine_tune(base: nn.Module, task: Task, examples: Sequence, config: RetrainConfig, seed: int) -> nn.Module:
+    """A copy of `base` fine-tuned on `examples` (AdamW, mean loss per target token); `seed` fixes
+    the data order."""
+    model = copy.deepcopy(base).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(config.epochs):
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order), config.batch_size):
+            batch = task.collate([examples[i] for i in order[start : start + config.batch_size]])
+            targets = (batch["labels"][:, 1:] != IGNORE).sum().clamp_min(1)
+            loss = task.loss(model, batch) / targets
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def retrain_losses(base: nn.Module, task: Task, train: Sequence, queries: Sequence, masks: torch.Tensor, config: RetrainConfig, progress=None) -> torch.Tensor:
+    """(S, m, Q) float64 query losses after fine-tuning on each subset (m, N) with S seeds."""
+    out = torch.zeros(config.seeds, masks.shape[0], len(queries), dtype=torch.float64)
+    for j, mask in enumerate(masks):
+        subset = [train[i] for i in mask.nonzero().flatten().tolist()]
+        for s in range(config.seeds):
+            model = fine_tune(base, task, subset, config, seed=config.seed * 1000 + s)
+            out[s, j] = example_losses(model, task, queries)
+        if progress:
+            progress(j + 1, masks.shape[0])
+    return out
+
+
+def removal_masks(n: int, removed: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(R, n) bool: all True except each row's removed indices."""
+    masks = torch.ones(len(removed), n, dtype=torch.bool)
+    for row, indices in zip(masks, removed):
+        row[list(indices)] = False
+    return masks
+
+
+def random_removals(n: int, k: int, count: int, seed: int) -> list[list[int]]:
+    """`count` sets of k random indices out of n."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    return [torch.randperm(n, generator=generator)[:k].tolist() for _ in range(count)]
+
+
+def removal_increase(losses: torch.Tensor, full: torch.Tensor, query_index: Sequence[int]) -> torch.Tensor:
+    """(R,) loss increase of query query_index[r] after removal r, averaged over seeds;
+    losses (S, R, Q) after the removals, full (S, 1, Q) after training on everything."""
+    rows = torch.arange(len(query_index))
+    cols = torch.as_tensor(query_index)
+    return (losses[:, rows, cols] - full[:, 0, cols]).mean(0)
+
+
+@dataclass
+class Gradients:
+    """Captured gradients of one projection: train (N, D), queries (Q, D) and curvature statistics."""
+
+    logra: LoGra
+    train: torch.Tensor
+    queries: torch.Tensor
+    statistics: dict  # fisher ("empirical" / "sampled") -> CurvatureStatistics
+
+
+def capture(model: nn.Module, task: Task, train: Sequence, queries: Sequence, projection: ProjectionConfig, *, fishers=("empirical",), batch_size: int = 16) -> Gradients:
+    """One capture pass per projection: train and query gradients plus Fisher statistics."""
+    logra = LoGra(model, task, projection, pca_examples=train, batch_size=batch_size)
+    stats = {"empirical": logra.new_statistics()}
+    train_grads = logra.capture(train, statistics=stats["empirical"])
+    if "sampled" in fishers:
+        stats["sampled"] = logra.statistics(train, fisher="sampled")
+    return Gradients(logra, train_grads, logra.capture(queries, query=True), stats)
+
+
+def score_matrix(gradients: Gradients, curvature: CurvatureConfig, normalize: str = "none") -> torch.Tensor:
+    """(N, Q) float32 influence scores for one curvature configuration."""
+    fitted = Curvature.fit(gradients.statistics[curvature.fisher], curvature.kind)
+    scorer = InfluenceScorer(gradients.queries, fitted.preconditioner(curvature), normalize)
+    return scorer.stream([gradients.train], keep_scores=True).scores
+
+
+def finite_mean(values: torch.Tensor) -> float:
+    """Mean over the finite entries (nan when none)."""
+    values = values[torch.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
