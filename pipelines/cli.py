@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from pipelines.home import PROJECT_ROOT, dagster_home, dataworth_home, mlflow_dir
 
@@ -27,37 +28,45 @@ def use_state_folder() -> None:
         config.write_text(DAGSTER_YAML)
 
 
-def run(_args) -> int:
-    use_state_folder()
-    import dagster as dg
-
+def plan_runs(instance, settings, versions: dict[str, str]) -> list:
+    """Stage the landing folder, register its new shards as partitions, and return `stale_work`."""
+    from assets.common import shard_partitions
     from pipelines.batches import plan_landing, seed_embedded_corpus
-    from pipelines.definitions import defs, shard_partitions, valuation_job
-    from pipelines.revaluation import landing_folder, stale_work
-    from pipelines.settings import Settings
+    from pipelines.revaluation import landing_folder, stale_work, unregistered_shards
     from resources.delta import DeltaStore
 
-    settings = Settings.load()
-    instance = dg.DagsterInstance.get()
     folder = landing_folder(settings)
     if settings.corpus.seed_embedded_corpus and seed_embedded_corpus(folder):
         print(f"seeded the embedded corpus into {folder}")
     plan = plan_landing(folder, settings.corpus.docs_per_shard)
     for name, reason in plan.quarantined.items():
         print(f"quarantined {name} (see {folder / '_rejected'}): {reason}", file=sys.stderr)
-    known = set(instance.get_dynamic_partitions(shard_partitions.name))
-    new = [s for s in plan.shard_ids if s not in known]
+    if plan.already_ingested:
+        print(f"already ingested, ignored: {', '.join(plan.already_ingested)}")
+    new = unregistered_shards(plan, set(instance.get_dynamic_partitions(shard_partitions.name)))
     if new:
         instance.add_dynamic_partitions(shard_partitions.name, new)
         print(f"staged {len(plan.batches)} batch(es): {len(new)} new shard(s)")
-    code_versions = {a.key.path[-1]: a.code_versions_by_key[a.key] for a in defs.assets}
-    requests = stale_work(instance, DeltaStore(), code_versions)
+    return stale_work(instance, DeltaStore(), versions)
+
+
+def run(_args) -> int:
+    use_state_folder()
+    import dagster as dg
+
+    from pipelines.definitions import defs, valuation_job
+    from pipelines.revaluation import REASON_TAG, code_versions
+    from pipelines.settings import Settings
+
+    instance = dg.DagsterInstance.get()
+    requests = plan_runs(instance, Settings.load(), code_versions(defs.assets))
     if not requests:
         print("nothing is stale: the latest valuation is up to date")
     for req in requests:
         started = time.perf_counter()
         selection = [k.path[-1] for k in req.asset_selection]
-        print(f"materializing {', '.join(selection)} {req.tags or ''}", flush=True)
+        shards = {k: v for k, v in req.tags.items() if k != REASON_TAG}
+        print(f"{req.tags[REASON_TAG]}: materializing {', '.join(selection)} {shards or ''}", flush=True)
         result = dg.execute_job(dg.reconstructable(valuation_job), instance, tags=req.tags, asset_selection=req.asset_selection)
         if not result.success:
             print(f"run {result.run_id} failed; open the Dagster UI (dataworth ui) to see why", file=sys.stderr)
@@ -87,15 +96,20 @@ def print_summary() -> None:
     )
 
 
+def tool(name: str) -> str:
+    """A console script installed beside this interpreter (works without an activated venv)."""
+    return str(Path(sys.executable).parent / name)
+
+
 def ui(args) -> int:
     use_state_folder()
-    command = ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    command = [tool("dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
     os.execvp(command[0], command)
 
 
 def mlflow_ui(args) -> int:
     store = f"sqlite:///{mlflow_dir() / 'mlflow.db'}"
-    command = ["mlflow", "ui", "--backend-store-uri", store, "--host", args.host, "--port", str(args.port)]
+    command = [tool("mlflow"), "ui", "--backend-store-uri", store, "--host", args.host, "--port", str(args.port)]
     os.execvp(command[0], command)
 
 
