@@ -87,9 +87,9 @@ class InfluenceScorer:
                 selfs.append(s)
                 if self.normalize != "none":
                     scores = scores / s.clamp_min(1e-30).sqrt().float()[:, None]
-            rows = torch.arange(offset, offset + block.shape[0])
-            merged = torch.cat([top_scores, scores.T], dim=1)  # (Q, k + B)
-            merged_idx = torch.cat([top_indices, rows.expand(n_queries, -1)], dim=1)
+            block_top, block_rows = scores.topk(min(top_k, block.shape[0]), dim=0)  # (k, Q) best of this block
+            merged = torch.cat([top_scores, block_top.T], dim=1)  # (Q, 2k)
+            merged_idx = torch.cat([top_indices, block_rows.T + offset], dim=1)
             top_scores, pos = merged.topk(min(top_k, merged.shape[1]), dim=1)
             top_indices = merged_idx.gather(1, pos)
             totals.append(scores.sum(1, dtype=torch.float64))
