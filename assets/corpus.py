@@ -11,9 +11,9 @@ from assets.checks import schema_result, schema_spec
 from assets.common import SINGLE_RUN, commit_metadata, shard_partitions, sql_in, upstream_versions
 from pipelines.artifacts import latest_row
 from pipelines.batches import read_staged_shard
-from pipelines.home import models_dir, resolve_inside, PROJECT_ROOT
+from pipelines.home import models_dir
 from pipelines.lm import TinyGPT2Config, load_checkpoint, save_checkpoint, train_tiny_gpt2, train_tokenizer
-from pipelines.settings import Settings
+from pipelines.settings import Settings, configured_path
 from pipelines.shards import tokenize_corpus
 from resources.delta import DeltaStore
 from resources.tracking import MlflowTracker
@@ -56,7 +56,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         corpus_version = delta.version("training_corpus")
         mlflow_run_id = ""
         if m.checkpoint_dir:
-            path = resolve_inside(PROJECT_ROOT, m.checkpoint_dir) if not m.checkpoint_dir.startswith("/") else m.checkpoint_dir
+            path = configured_path(m.checkpoint_dir, "[model] checkpoint_dir")
             model, _, digest = load_checkpoint(path)
             source = "local"
         else:
@@ -94,7 +94,10 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                 "mlflow_run_id": [mlflow_run_id], "created_at": [datetime.now(timezone.utc)],
             }
         )
-        version = delta.write("model_checkpoint", row, metadata=commit_metadata(context, {"training_corpus": corpus_version}))
+        version = delta.write(  # one row per checkpoint: re-materializing the same one replaces its row
+            "model_checkpoint", row, mode="overwrite", replace_where={"checkpoint_hash": digest},
+            metadata=commit_metadata(context, {"training_corpus": corpus_version}),
+        )
         return dg.MaterializeResult(
             data_version=dg.DataVersion(digest[:16]),
             metadata={"checkpoint_hash": digest, "path": str(path), "source": source, "parameters": row["parameters"][0],

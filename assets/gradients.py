@@ -18,7 +18,7 @@ from assets.common import (
     tensors_to_frame,
     upstream_versions,
 )
-from dataworth import CausalLMTask, Curvature, CurvatureStatistics, LoGra
+from dataworth import CausalLMTask, Curvature, CurvatureStatistics, LoGra, NonFiniteError
 from pipelines.artifacts import load_model, load_projection, projections_dir, require_single
 from pipelines.settings import Settings
 from resources.delta import DeltaStore
@@ -62,7 +62,10 @@ def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoin
                 "model_hash": [model_row["checkpoint_hash"]], "created_at": [datetime.now(timezone.utc)],
             }
         )
-        version = delta.write("gradient_projection", row, metadata=commit_metadata(context, upstream))
+        version = delta.write(  # one row per projection: re-materializing the same one replaces its row
+            "gradient_projection", row, mode="overwrite", replace_where={"projection_hash": digest},
+            metadata=commit_metadata(context, upstream),
+        )
         layers = "\n".join(f"| {b.name} | {b.k_in} | {b.k_out} |" for b in projection.layout.blocks)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(digest[:16]),
@@ -101,18 +104,21 @@ def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoin
                 if done == total or done % (20 * settings.capture_batch_size) == 0:
                     context.log.info(f"{shard}: {done}/{total} sequences")
 
-            gradients = logra.capture(examples, statistics=stats if fisher == "empirical" else None, progress=progress)
+            try:
+                gradients = logra.capture(examples, statistics=stats if fisher == "empirical" else None, progress=progress)
+            except NonFiniteError as error:
+                raise NonFiniteError(f"shard {shard} with model {hashes['model_hash'][:12]}: {error}") from None
             if fisher == "sampled":
                 stats = logra.statistics(examples, fisher="sampled")
             rows = seqs.select("shard_id", "seq_id", "doc_id", "provider_id", "n_tokens").with_columns(
                 gradient=gradients_to_binary(gradients), **{k: pl.lit(v) for k, v in hashes.items()}
             )
             meta = commit_metadata(context, upstream)
-            delta.write("projected_gradients", rows, mode="overwrite", partition_by=["shard_id"], replace_where={"shard_id": shard}, metadata=meta)
-            delta.write(
+            delta.write(  # statistics first: a shard counts as done (see stale_shards) once its gradients land
                 "projected_gradients_statistics", tensors_to_frame(stats.to_tensors(), shard_id=shard, fisher=fisher, **hashes),
                 mode="overwrite", partition_by=["shard_id"], replace_where={"shard_id": shard}, metadata=meta,
             )
+            delta.write("projected_gradients", rows, mode="overwrite", partition_by=["shard_id"], replace_where={"shard_id": shard}, metadata=meta)
             total_tokens += int(seqs["n_tokens"].sum())
             total_rows += seqs.height
         seconds = time.perf_counter() - started
@@ -143,8 +149,11 @@ def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoin
         require_single(partials, "projection_hash", projection_row["projection_hash"], "gradient statistics")
         require_single(partials, "fisher", settings.curvature.fisher, "gradient statistics")
         merged = None
-        for _, part in partials.group_by("shard_id", maintain_order=True):
-            stats = CurvatureStatistics.from_tensors(projection.layout, frame_to_tensors(part))
+        for (shard,), part in partials.group_by("shard_id", maintain_order=True):
+            try:
+                stats = CurvatureStatistics.from_tensors(projection.layout, frame_to_tensors(part))
+            except NonFiniteError as error:
+                raise NonFiniteError(f"projected_gradients_statistics of shard {shard}: {error} (re-materialize projected_gradients for it)") from None
             merged = stats if merged is None else merged.merge(stats)
         curvature = Curvature.fit(merged, settings.curvature.kind)
         frame = tensors_to_frame(  # identity curvature has no factors: zero rows

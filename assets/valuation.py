@@ -14,6 +14,7 @@ from assets.checks import schema_result, schema_spec
 from assets.common import (
     binary_to_gradients,
     commit_metadata,
+    content_hash,
     frame_to_tensors,
     gradients_to_binary,
     shard_partitions,
@@ -22,7 +23,7 @@ from assets.common import (
 )
 from dataworth import CausalLMTask, Curvature, InfluenceScorer, LoGra
 from pipelines.artifacts import latest_row, load_model, load_projection, require_single
-from pipelines.lm import generate_completions
+from pipelines.lm import QueryTooLongError, generate_completions
 from pipelines.settings import Settings
 from pipelines.valuation import provider_chart, provider_table, valuation_id
 from resources.delta import DeltaStore
@@ -35,19 +36,41 @@ LINEAGE_TABLES = (
 
 
 def read_prompts(settings: Settings) -> list[dict]:
+    """The query file's lines; a malformed line (or none at all) is a Failure naming the file, the line and the fix."""
     path = settings.queries_path()
-    if not path.exists():
+    if not path.is_file():
         raise dg.Failure(f"query file {path} does not exist; set [queries] queries_file in the settings")
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    example = '{"query_id": "q0", "prompt": "..."}'
+    lines, seen = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise dg.Failure(f"query file {path} line {number} is not valid JSON ({error.msg}); write one object per line like {example}") from None
+        query_id, prompt = (row.get("query_id"), row.get("prompt")) if isinstance(row, dict) else (None, None)
+        if not isinstance(query_id, str) or not query_id.strip() or not isinstance(prompt, str):
+            raise dg.Failure(f"query file {path} line {number} needs a non-empty string query_id and a string prompt, like {example}")
+        if query_id in seen:
+            raise dg.Failure(f"query file {path} line {number} repeats query_id {query_id!r}; give every query its own id")
+        seen.add(query_id)
+        lines.append(row)
     if not lines:
-        raise dg.Failure(f"query file {path} holds no query; add lines like {{\"query_id\": \"q0\", \"prompt\": \"...\"}}")
+        raise dg.Failure(f"query file {path} holds no query; add lines like {example}")
     return lines
+
+
+def queries_version(settings: Settings) -> str:
+    """valuation_queries' code version: the [queries] settings and the query file's bytes."""
+    path = settings.queries_path()
+    return f"{settings.version('queries')}-{content_hash(path.read_bytes())[:12] if path.is_file() else 'missing'}"
 
 
 def build(settings: Settings, model_checkpoint, gradient_projection, projected_gradients, hessian_factors) -> list[dg.AssetsDefinition]:
     @dg.asset(
         deps=[model_checkpoint, gradient_projection],
-        code_version=settings.version("queries"),
+        code_version=queries_version(settings),
         check_specs=[schema_spec("valuation_queries")],
         group_name="valuation",
         kinds={"pytorch", "delta"},
@@ -59,7 +82,10 @@ def build(settings: Settings, model_checkpoint, gradient_projection, projected_g
         projection, projection_row = load_projection(delta, model_row["checkpoint_hash"])
         upstream = upstream_versions(delta, "model_checkpoint", "gradient_projection")
         texts = [p["prompt"] for p in prompts]
-        completions = generate_completions(model, tokenizer, texts, max_new_tokens=settings.queries.max_new_tokens, seed=settings.queries.seed)
+        try:
+            completions = generate_completions(model, tokenizer, texts, max_new_tokens=settings.queries.max_new_tokens, seed=settings.queries.seed)
+        except QueryTooLongError as error:
+            raise QueryTooLongError(f"query {prompts[error.index]['query_id']!r} of {settings.queries_path()}: {error}", error.index) from None
         examples, prompt_lengths, completion_lengths = [], [], []
         for text, completion in zip(texts, completions):
             prompt_ids = tokenizer.encode(text, add_special_tokens=False) or [tokenizer.bos_token_id]
@@ -101,13 +127,13 @@ def build(settings: Settings, model_checkpoint, gradient_projection, projected_g
     def influence_scores(context: dg.AssetExecutionContext, delta: DeltaStore) -> dg.MaterializeResult:
         """Per query: top-k training sequences and documents; per document: total over queries."""
         shards = context.instance.get_dynamic_partitions(shard_partitions.name)
-        versions = upstream_versions(delta, *LINEAGE_TABLES)
-        projection, projection_row = load_projection(delta)
+        versions = upstream_versions(delta, *LINEAGE_TABLES)  # every read below is of these versions
+        projection, projection_row = load_projection(delta, version=versions["gradient_projection"])
         model_hash = projection_row["model_hash"]
-        queries = delta.read("valuation_queries").sort("query_id")
+        queries = delta.read("valuation_queries", version=versions["valuation_queries"]).sort("query_id")
         require_single(queries, "projection_hash", projection_row["projection_hash"], "query gradients")
         require_single(queries, "model_hash", model_hash, "query gradients")
-        factors = delta.read("hessian_factors")
+        factors = delta.read("hessian_factors", version=versions["hessian_factors"])
         require_single(factors, "projection_hash", projection_row["projection_hash"], "Hessian factors")
         require_single(factors, "kind", settings.curvature.kind, "Hessian factors")
         curvature = Curvature.from_tensors(settings.curvature.kind, projection.layout, frame_to_tensors(factors))
@@ -115,7 +141,7 @@ def build(settings: Settings, model_checkpoint, gradient_projection, projected_g
 
         rows = delta.read(
             "projected_gradients", columns=["shard_id", "seq_id", "doc_id", "provider_id", "projection_hash", "model_hash"],
-            filter=sql_in("shard_id", shards),
+            filter=sql_in("shard_id", shards), version=versions["projected_gradients"],
         ).sort("seq_id")
         missing = sorted(set(shards) - set(rows["shard_id"].unique().to_list()))
         if missing:
@@ -129,7 +155,7 @@ def build(settings: Settings, model_checkpoint, gradient_projection, projected_g
 
         def blocks():
             for shard in sorted(shards):
-                part = delta.read("projected_gradients", columns=["seq_id", "gradient"], filter=sql_in("shard_id", [shard])).sort("seq_id")
+                part = delta.read("projected_gradients", version=versions["projected_gradients"], columns=["seq_id", "gradient"], filter=sql_in("shard_id", [shard])).sort("seq_id")
                 yield from binary_to_gradients(part["gradient"]).split(settings.scores.block_rows)
 
         started = time.perf_counter()

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 METHODS = ("train", "capture", "dense")
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "RESULTS_capture.md"
@@ -47,7 +47,7 @@ MiB = 2**20
 QUICK = {"layers": 2, "seq": 64, "batch": 2, "warmup": 1, "reps": 3, "rounds": 1, "paired_reps": 6}
 
 
-# --------------------------------------------------------------------------- memory
+# --------------------------------------------------------------------------- memory and machine state
 
 def _status_kib(field: str) -> int:
     """A `Vm*` field of /proc/self/status, in KiB."""
@@ -66,6 +66,34 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def contention() -> str:
+    """1-minute load average, and CPU pressure (share of time some task waited for a CPU) where the kernel has it."""
+    text = f"load {os.getloadavg()[0]:.2f}"
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = dict(kv.split("=") for kv in f.readline().split()[1:])
+        text += f", CPU pressure {some['avg60']}% (60 s avg)"
+    except OSError:
+        pass
+    return text
+
+
+def cpu_pressure() -> float | None:
+    """Share (%) of the last 10 s in which some runnable task waited for a CPU; None without PSI."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(dict(kv.split("=") for kv in f.readline().split()[1:])["avg10"])
+    except OSError:
+        return None
+
+
+def wait_quiet(limit_s: float, threshold: float = 10.0) -> None:
+    """Before a worker: wait up to `limit_s` for other work to leave the CPUs (pressure < threshold %)."""
+    deadline = time.time() + limit_s
+    while time.time() < deadline and (cpu_pressure() or 0.0) >= threshold:
+        time.sleep(5)
 
 
 # --------------------------------------------------------------------------- workload
@@ -180,7 +208,7 @@ def worker(args) -> dict:
             if i >= args.warmup:
                 train_t.append(t_train)
                 capture_t.append(t_capture)
-        return out | {"train_times": train_t, "capture_times": capture_t}
+        return out | {"train_times": train_t, "capture_times": capture_t, "contention": contention()}
     else:  # dense
         logra = new_logra(model, task)
         dim = logra.projection.layout.dim
@@ -210,7 +238,7 @@ def worker(args) -> dict:
             "matrix_bytes": dim * n_total * 4, "per_example": impl["name"],
             "grad_times": [g for g, _ in parts], "slice_times": [s for _, s in parts],
         }  # fmt: skip
-    return out | {"times": times, "peak_delta_mib": (peak - base) / 1024, "peak_reset": reset, "load": os.getloadavg()[0]}
+    return out | {"times": times, "peak_delta_mib": (peak - base) / 1024, "peak_reset": reset, "contention": contention()}
 
 
 # --------------------------------------------------------------------------- driver
@@ -221,7 +249,7 @@ def run_worker(method: str, args) -> dict:
         "--reps", str(args.reps), "--paired-reps", str(args.paired_reps), "--dense-slice", str(args.dense_slice),
         "--dense-slice-repeats", str(args.dense_slice_repeats),
     ]  # fmt: skip
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", method, *flags], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", method, *flags], check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{method} worker failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -244,25 +272,13 @@ def machine() -> dict:
     }
 
 
-def contention() -> str:
-    """1-minute load average, and CPU pressure (share of time some task waited for a CPU) where the kernel has it."""
-    text = f"load {os.getloadavg()[0]:.2f}"
-    try:
-        with open("/proc/pressure/cpu") as f:
-            some = dict(kv.split("=") for kv in f.readline().split()[1:])
-        text += f", CPU pressure {some['avg60']}% (60 s avg)"
-    except OSError:
-        pass
-    return text
-
-
 def _rate(tokens: int, seconds: float) -> str:
     value = tokens / seconds
     return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
-def report(args, runs: dict[str, list[dict]], info: dict) -> tuple[str, float]:
-    """The Markdown table and notes; returns (text, paired median capture/train ratio)."""
+def report(args, runs: dict[str, list[dict]], info: dict) -> str:
+    """The Markdown table and its notes."""
     tokens = args.batch * args.seq
     times = {m: [t for r in rs for t in r["times"]] for m, rs in runs.items() if m != "paired"}
     med = {m: statistics.median(t) for m, t in times.items()}
@@ -319,7 +335,7 @@ def report(args, runs: dict[str, list[dict]], info: dict) -> tuple[str, float]:
         f"throughput ratio median **{ratio:.2f}x** (quartiles {q[0]:.2f}-{q[2]:.2f}). Target >= 1.3x; about 1.5x is "
         "the matmul-FLOP bound, since capture skips the weight-gradient matmuls, a third of a training step's."
     )
-    return "\n".join(rows) + "\n\n" + "\n\n".join(notes), ratio
+    return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
 
 
 def main(argv=None):
@@ -334,6 +350,7 @@ def main(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS), help="train,capture[,dense]")
     parser.add_argument("--dense-slice", type=int, default=8192, help="projection columns actually multiplied")
     parser.add_argument("--dense-slice-repeats", type=int, default=3, help="slice matmuls averaged per batch")
+    parser.add_argument("--wait-quiet", type=float, default=0, help="seconds to wait, before each worker, for CPU pressure < 10%%")
     parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run; writes nothing by default")
     parser.add_argument("--output", help=f"results file (default {DEFAULT_OUTPUT.relative_to(ROOT)}, none with --quick)")
     parser.add_argument("--worker", choices=(*METHODS, "paired"), help=argparse.SUPPRESS)
@@ -358,13 +375,14 @@ def main(argv=None):
     plan = [m for r in range(args.rounds) for m in (["train", "capture"] if r % 2 == 0 else ["capture", "train"])]
     plan += ["paired"] + (["dense"] if "dense" in methods else [])
     for m in plan:
+        wait_quiet(args.wait_quiet)
         result = run_worker(m, args)
         runs[m].append(result)
         shown = result.get("times") or [round(a / b, 2) for a, b in zip(result["train_times"], result["capture_times"])]
         label = "train/capture ratios" if m == "paired" else "s/batch"
-        print(f"{m:8s} {label} {[round(t, 3) for t in shown]}", flush=True)
+        print(f"{m:8s} {label} {[round(t, 3) for t in shown]} ({result['contention']} at its end)", flush=True)
     elapsed, after = time.time() - start, contention()
-    text, ratio = report(args, runs, info)
+    text = report(args, runs, info)
     text += f"\n\nOther work on the machine, before: {before}; after: {after}. Wall time {elapsed:.0f} s."
     print("\n" + text)
     output = args.output or (None if args.quick else str(DEFAULT_OUTPUT))
@@ -374,7 +392,7 @@ def main(argv=None):
 
 
 def write_results(path: Path, command: str, info: dict, args, text: str, runs: dict) -> None:
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     raw = {m: [[round(t, 4) for t in r["times"]] for r in rs] for m, rs in runs.items() if m != "paired"}
     raw["paired train"] = [[round(t, 4) for t in r["train_times"]] for r in runs["paired"]]
     raw["paired capture"] = [[round(t, 4) for t in r["capture_times"]] for r in runs["paired"]]
@@ -383,22 +401,27 @@ def write_results(path: Path, command: str, info: dict, args, text: str, runs: d
         "",
         f"Command, from the repository root in the project's virtualenv: `{command}`",
         "",
-        f"Date: {date}. Machine: {info['nproc']} CPU cores ({info['cpu']}), {info['memory_gib']} GiB RAM, torch "
-        f"{info['torch']} ({info['torch_threads']} threads, the default), transformers {info['transformers']}, Python "
-        f"{info['python']}, {info['platform']}.",
+        (
+            f"Date: {date}. Machine: {info['nproc']} CPU cores ({info['cpu']}), {info['memory_gib']} GiB RAM, torch "
+            f"{info['torch']} ({info['torch_threads']} threads, the default), transformers {info['transformers']}, "
+            f"Python {info['python']}, {info['platform']}."
+        ),
         "",
-        f"Model: `GPT2LMHeadModel(GPT2Config(n_layer={args.layers}))`, random init, fp32, eval mode (no dropout in any "
-        f"method). Batches: {args.batch} sequences x {args.seq} random tokens, identical in every method; per worker "
-        f"{args.warmup} warm-up then {args.reps} timed batches, {args.rounds} fresh workers per method, interleaved. "
-        "tokens/s counts batch x seq input tokens. Peak RSS rise: VmHWM (reset after setup) minus RSS after setup, "
-        "per fresh process.",
+        (
+            f"Model: `GPT2LMHeadModel(GPT2Config(n_layer={args.layers}))`, random init, fp32, eval mode (no dropout in "
+            f"any method). Batches: {args.batch} sequences x {args.seq} random tokens, identical in every method; per "
+            f"worker {args.warmup} warm-up then {args.reps} timed batches ({args.paired_reps} in the paired worker), "
+            f"{args.rounds} fresh workers per method, interleaved. tokens/s counts batch x seq input tokens. Peak RSS "
+            "rise: VmHWM (reset after setup) minus RSS after setup, per fresh process."
+        ),
         "",
         text,
         "",
-        "Seconds per timed batch, per worker:",
+        "Seconds per timed batch, per worker, and the contention each worker saw (at its end):",
         "",
         "```json",
         json.dumps(raw),
+        json.dumps({m: [r["contention"] for r in rs] for m, rs in runs.items()}),
         "```",
         "",
     ]

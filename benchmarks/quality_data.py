@@ -12,7 +12,13 @@ from pathlib import Path
 
 import polars as pl
 
-from pipelines.lm import TinyGPT2Config, load_checkpoint, save_checkpoint, train_tiny_gpt2, train_tokenizer
+from pipelines.lm import (
+    TinyGPT2Config,
+    load_checkpoint,
+    save_checkpoint,
+    train_tiny_gpt2,
+    train_tokenizer,
+)
 from pipelines.shards import tokenize_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +47,9 @@ def load_documents() -> pl.DataFrame:
     return pl.DataFrame(rows).select("doc_id", "provider_id", "text").with_columns(batch_id=pl.lit("b0"))
 
 
-def split_documents(docs: pl.DataFrame, seed: int, query_docs: int) -> dict[str, pl.DataFrame]:
-    """{"query", "train", "pretrain"} document frames; train/pretrain are decided later by sequence count."""
+def split_documents(docs: pl.DataFrame, seed: int, query_docs: int) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
+    """(query documents, other documents, the other doc ids in shuffled order); the shuffled order
+    later decides which of the others give training sequences and which pre-train."""
     rng = random.Random(seed)
     parts = {"query": [], "rest": []}
     for provider in sorted(docs["provider_id"].unique().to_list()):
@@ -50,22 +57,23 @@ def split_documents(docs: pl.DataFrame, seed: int, query_docs: int) -> dict[str,
         rng.shuffle(ids)
         parts["query"] += ids[:query_docs]
         parts["rest"] += ids[query_docs:]
-    return {k: docs.filter(pl.col("doc_id").is_in(v)).sort("doc_id") for k, v in parts.items()} | {"order": parts["rest"]}
+    query, rest = (docs.filter(pl.col("doc_id").is_in(parts[k])).sort("doc_id") for k in ("query", "rest"))
+    return query, rest, parts["rest"]
 
 
 def build(seed: int = 0, train_per_provider: int = 30, query_docs: int = 2, prompt_tokens: int = 16, log=print):
     """(Benchmark, base model, tokenizer); the tokenizer and base model are cached by their settings."""
     docs = load_documents()
-    parts = split_documents(docs, seed, query_docs)
-    rank = {doc: i for i, doc in enumerate(parts["order"])}
+    query_docs_df, rest_docs, order = split_documents(docs, seed, query_docs)
+    rank = {doc: i for i, doc in enumerate(order)}
     key = f"base-s{seed}-t{train_per_provider}-q{query_docs}-v{VOCAB}-e{MODEL.n_embd}-l{MODEL.n_layer}-{PRETRAIN['steps']}"
     folder = CACHE / key
     if (folder / "config.json").exists():
         model, tokenizer, _ = load_checkpoint(folder)
     else:
-        tokenizer = train_tokenizer(parts["rest"]["text"].to_list(), vocab_size=VOCAB)
+        tokenizer = train_tokenizer(rest_docs["text"].to_list(), vocab_size=VOCAB)
         model = None
-    rest = tokenize_corpus(parts["rest"], tokenizer, SEQ_LEN).with_columns(order=pl.col("doc_id").replace_strict(rank))
+    rest = tokenize_corpus(rest_docs, tokenizer, SEQ_LEN).with_columns(order=pl.col("doc_id").replace_strict(rank))
     rest = rest.sort("order", "token_start")
     providers = sorted(docs["provider_id"].unique().to_list())
     train, train_providers, pretrain_docs = [], [], set()
@@ -82,7 +90,7 @@ def build(seed: int = 0, train_per_provider: int = 30, query_docs: int = 2, prom
             taken += len(ids)
     pretrain = [list(x) for x in rest.filter(pl.col("doc_id").is_in(sorted(pretrain_docs)))["input_ids"].to_list()]
     queries, query_providers = [], []
-    q = tokenize_corpus(parts["query"], tokenizer, SEQ_LEN).filter(pl.col("token_start") == 0, pl.col("n_tokens") > prompt_tokens + 8)
+    q = tokenize_corpus(query_docs_df, tokenizer, SEQ_LEN).filter(pl.col("token_start") == 0, pl.col("n_tokens") > prompt_tokens + 8)
     for row in q.iter_rows(named=True):
         queries.append((list(row["input_ids"]), prompt_tokens))
         query_providers.append(providers.index(row["provider_id"]))

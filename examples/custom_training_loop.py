@@ -22,8 +22,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import dataworth  # noqa: E402
-from dataworth import Curvature, CurvatureConfig, LoGra, ProjectionConfig  # noqa: E402
+import dataworth
+from dataworth import Curvature, CurvatureConfig, LoGra, ProjectionConfig
 
 VOCAB, LENGTH, TYPOS = 32, 12, 0.1
 SOURCES = {"counting": 1, "skip3": 3, "noise": None}  # source -> step between consecutive tokens

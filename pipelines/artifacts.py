@@ -1,7 +1,8 @@
 """The model checkpoint and projection a valuation uses, found through their Delta tables.
 
-`model_checkpoint` and `gradient_projection` each keep one row per materialization (the newest
-is current); the files live under `$DATAWORTH_HOME/models/<hash>` and `.../projections/<hash>`.
+`model_checkpoint` and `gradient_projection` keep one row per checkpoint / projection, replaced when it
+is materialized again (the newest row is current); the files live under `$DATAWORTH_HOME/models/<hash>`
+and `.../projections/<hash>`.
 Loading re-hashes the files, so a checkpoint or projection changed behind our back is refused.
 """
 

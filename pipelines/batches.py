@@ -109,8 +109,13 @@ def plan_landing(landing: Path, docs_per_shard: int, now: datetime | None = None
     plan = Plan([], {}, [])
     known = staged_corpus()
     for path in sorted(p for p in landing.iterdir() if p.is_file() and not p.name.startswith((".", "_"))):
-        if path.suffix not in LANDING_SUFFIXES:
+        if path.is_symlink():  # it could make us read a file outside the landing folder
+            reason = f"is a symbolic link to {os.readlink(path)}; copy the file itself into the landing folder"
+        elif path.suffix not in LANDING_SUFFIXES:
             reason = f"unknown format {path.suffix!r}; send JSON Lines (.jsonl) or Parquet (.parquet)"
+        else:
+            reason = None
+        if reason:
             quarantine(path, reason, rejected_dir)
             plan.quarantined[path.name] = reason
             continue

@@ -55,7 +55,7 @@ def run(_args) -> int:
     import dagster as dg
 
     from pipelines.definitions import defs, valuation_job
-    from pipelines.revaluation import REASON_TAG, code_versions
+    from pipelines.revaluation import RANGE_END, RANGE_START, REASON_TAG, code_versions
     from pipelines.settings import Settings
 
     instance = dg.DagsterInstance.get()
@@ -64,9 +64,9 @@ def run(_args) -> int:
         print("nothing is stale: the latest valuation is up to date")
     for req in requests:
         started = time.perf_counter()
-        selection = [k.path[-1] for k in req.asset_selection]
-        shards = {k: v for k, v in req.tags.items() if k != REASON_TAG}
-        print(f"{req.tags[REASON_TAG]}: materializing {', '.join(selection)} {shards or ''}", flush=True)
+        selection = ", ".join(k.path[-1] for k in req.asset_selection)
+        shards = f" over shards {req.tags[RANGE_START]} .. {req.tags[RANGE_END]}" if RANGE_START in req.tags else ""
+        print(f"{req.tags[REASON_TAG]}: materializing {selection}{shards}", flush=True)
         result = dg.execute_job(dg.reconstructable(valuation_job), instance, tags=req.tags, asset_selection=req.asset_selection)
         if not result.success:
             print(f"run {result.run_id} failed; open the Dagster UI (dataworth ui) to see why", file=sys.stderr)

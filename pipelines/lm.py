@@ -51,7 +51,11 @@ class CheckpointError(DataworthError):
 
 
 class QueryTooLongError(DataworthError, ValueError):
-    """A prompt leaves no room for ``max_new_tokens`` in the model's context."""
+    """A prompt leaves no room for ``max_new_tokens`` in the model's context; ``index`` is its position."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
@@ -301,7 +305,9 @@ def generate_completions(
         if len(ids) > limit:
             raise QueryTooLongError(
                 f"prompt {index} has {len(ids)} tokens; at most {limit} fit "
-                f"(context {context_length(model)} - max_new_tokens {max_new_tokens})"
+                f"(context {context_length(model)} - max_new_tokens {max_new_tokens}); "
+                "shorten the prompt or lower max_new_tokens",
+                index,
             )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     completions = []

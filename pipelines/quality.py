@@ -14,7 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dataworth import Curvature, CurvatureConfig, InfluenceScorer, LoGra, ProjectionConfig
+from dataworth import (
+    Curvature,
+    CurvatureConfig,
+    InfluenceScorer,
+    LoGra,
+    ProjectionConfig,
+)
 from dataworth.task import IGNORE, Task
 
 
@@ -157,13 +163,17 @@ class Gradients:
     statistics: dict  # fisher ("empirical" / "sampled") -> CurvatureStatistics
 
 
-def capture(model: nn.Module, task: Task, train: Sequence, queries: Sequence, projection: ProjectionConfig, *, fishers=("empirical",), batch_size: int = 16) -> Gradients:
-    """One capture pass per projection: train and query gradients plus Fisher statistics."""
+def capture(
+    model: nn.Module, task: Task, train: Sequence, queries: Sequence, projection: ProjectionConfig, *,
+    fishers=("empirical",), second_moment: bool = True, batch_size: int = 16,
+) -> Gradients:
+    """One capture pass per projection: train and query gradients plus Fisher statistics (without
+    the (D_l x D_l) second moments, only identity and KFAC curvature can be fitted)."""
     logra = LoGra(model, task, projection, pca_examples=train, batch_size=batch_size)
-    stats = {"empirical": logra.new_statistics()}
+    stats = {"empirical": logra.new_statistics(second_moment=second_moment)}
     train_grads = logra.capture(train, statistics=stats["empirical"])
     if "sampled" in fishers:
-        stats["sampled"] = logra.statistics(train, fisher="sampled")
+        stats["sampled"] = logra.statistics(train, fisher="sampled", second_moment=second_moment)
     return Gradients(logra, train_grads, logra.capture(queries, query=True), stats)
 
 
@@ -178,3 +188,44 @@ def finite_mean(values: torch.Tensor) -> float:
     """Mean over the finite entries (nan when none)."""
     values = values[torch.isfinite(values)]
     return float(values.mean()) if len(values) else float("nan")
+
+
+def held_out_split(doc_ids: Sequence[str], provider_ids: Sequence[str], per_provider: int, max_train: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train rows, query rows) of a sequence table: `per_provider` random documents of each provider
+    are held out (their first row becomes a provider-id query); at most `max_train` random rows of
+    the other documents are the training set. Rows are indices into the inputs, sorted."""
+    generator = torch.Generator().manual_seed(seed)
+    held = set()
+    for provider in sorted(set(provider_ids)):
+        docs = sorted({d for d, p in zip(doc_ids, provider_ids) if p == provider})
+        held |= {docs[i] for i in torch.randperm(len(docs), generator=generator)[:per_provider].tolist()} if len(docs) > 1 else set()
+    first = {}
+    for i, doc in enumerate(doc_ids):
+        if doc in held:
+            first.setdefault(doc, i)
+    rest = [i for i, d in enumerate(doc_ids) if d not in held]
+    train = sorted(rest[i] for i in torch.randperm(len(rest), generator=generator)[:max_train].tolist())
+    return train, sorted(first.values())
+
+
+def evaluate(
+    model: nn.Module, task: Task, train: Sequence, queries: Sequence, projection: ProjectionConfig, curvature: CurvatureConfig,
+    retrain: RetrainConfig, *, normalize: str = "none", train_providers: torch.Tensor | None = None,
+    provider_queries: Sequence = (), query_providers: torch.Tensor | None = None, progress=None,
+) -> dict[str, float]:
+    """LDS (mean over queries), seed agreement and, given provider-labelled queries (with
+    train_providers (N,) and query_providers (Q',) int64), provider-id accuracy of one configuration."""
+    masks = subset_masks(len(train), retrain.subsets, retrain.fraction, retrain.seed)
+    losses = retrain_losses(model, task, train, queries, masks, retrain, progress)
+    gradients = capture(model, task, train, [*queries, *provider_queries], projection, fishers=(curvature.fisher,))
+    scores = score_matrix(gradients, curvature, normalize)
+    metrics = {
+        "lds": finite_mean(lds_per_query(scores[:, : len(queries)], masks, losses)),
+        "seed_agreement": finite_mean(seed_agreement(losses)) if retrain.seeds > 1 else float("nan"),
+        "subsets": retrain.subsets, "seeds": retrain.seeds, "train_sequences": len(train), "queries": len(queries),
+    }
+    if len(provider_queries):
+        n_groups = int(max(train_providers.max(), query_providers.max())) + 1
+        sums = group_sums(scores[:, len(queries) :], train_providers, n_groups)
+        metrics["provider_acc"] = provider_accuracy(sums, query_providers)
+    return metrics

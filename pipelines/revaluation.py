@@ -1,20 +1,38 @@
 """Revaluation: a sensor on the landing folder and a schedule that revalues what is stale.
 
 - `landing_sensor`: stages new landing files (pipelines.batches), adds their shards as partitions and
-  runs the graph for those shards only (plus the unpartitioned assets downstream of them). On a
-  fresh state folder it seeds the embedded corpus and runs the whole graph.
-- `revaluation_schedule` (daily by default): finds stale work with `stale_work` and requests it.
-A shard is stale when it has no gradients yet or its gradients were made with another model or
-projection than the current ones; scores are stale when an upstream table or a score setting changed
-since the last valuation (compared through the assets' code versions).
+  requests `stale_work` for them: normally the new shards only, plus the unpartitioned assets downstream.
+  On a fresh state folder it seeds the embedded corpus and runs the whole graph.
+- `revaluation_schedule` (cron `[automation] revaluation_cron`, daily by default): requests `stale_work`.
+Both wait while a run of the valuation job is queued or in progress, so two runs never score
+against each other's half-made shards.
+
+What is stale, in the order `stale_work` checks it (the first hit decides the one run it requests):
+- the model: never materialized, its settings changed (code version), or a local checkpoint's files
+  changed -> the whole graph over every shard;
+- the projection: never materialized, its settings changed, or made for another model than the
+  current one -> every shard's gradients and the query gradients;
+- shards without gradients (a new batch), or with gradients of another model or projection -> those
+  shards only (one run over the range that covers them), and the query gradients if they are not of
+  the current projection either;
+- the valuation: a setting of hessian_factors, valuation_queries, influence_scores or
+  provider_valuations changed (code version; the query file's bytes are part of valuation_queries'),
+  or the latest valuation read other shards or other table versions than the current ones ->
+  hessian_factors and what follows, no gradient.
 """
 
+import json
+from collections.abc import Sequence
+
 import dagster as dg
+import polars as pl
 
 from assets.common import shard_partitions
-from pipelines.batches import plan_landing, seed_embedded_corpus
-from pipelines.home import landing_dir, resolve_inside, PROJECT_ROOT
-from pipelines.settings import Settings
+from pipelines.artifacts import latest_row
+from pipelines.batches import Plan, plan_landing, seed_embedded_corpus, staged_dir
+from pipelines.home import landing_dir
+from pipelines.lm import checkpoint_hash
+from pipelines.settings import Settings, configured_path
 from resources.delta import DeltaStore
 
 JOB = "valuation"
@@ -22,106 +40,158 @@ ALL = ("training_corpus", "model_checkpoint", "token_shards", "gradient_projecti
        "hessian_factors", "valuation_queries", "influence_scores", "provider_valuations")
 SCORES = ("hessian_factors", "valuation_queries", "influence_scores", "provider_valuations")
 NEW_SHARDS = tuple(a for a in ALL if a not in ("model_checkpoint", "gradient_projection", "valuation_queries"))
+REPROJECT = tuple(a for a in ALL if a != "model_checkpoint")
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+REASON_TAG = "dataworth/stale"
+ACTIVE_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                   dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 
 def landing_folder(settings: Settings):
     if not settings.corpus.landing_dir:
         return landing_dir()
-    folder = resolve_inside(PROJECT_ROOT, settings.corpus.landing_dir)
+    folder = configured_path(settings.corpus.landing_dir, "[corpus] landing_dir")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def contiguous_ranges(keys: list[str], ordered: list[str]) -> list[tuple[str, str]]:
-    """Group `keys` into runs that are contiguous in the partition order `ordered`."""
-    position = {k: i for i, k in enumerate(ordered)}
-    ranges, current = [], []
-    for key in sorted(keys, key=position.__getitem__):
-        if current and position[key] != position[current[-1]] + 1:
-            ranges.append((current[0], current[-1]))
-            current = []
-        current.append(key)
-    if current:
-        ranges.append((current[0], current[-1]))
-    return ranges
+def code_versions(assets: Sequence[dg.AssetsDefinition]) -> dict[str, str]:
+    """Asset name -> its code version (what the settings make it)."""
+    return {a.key.path[-1]: a.code_versions_by_key[a.key] for a in assets}
 
 
-def request(assets: tuple[str, ...], shard_range: tuple[str, str] | None = None, run_key: str | None = None) -> dg.RunRequest:
+def unregistered_shards(plan: Plan, known: set[str]) -> list[str]:
+    """Staged shards that are no partition yet: the plan's, then any that a crash left staged."""
+    staged = [s for f in sorted(staged_dir().glob("*.parquet")) for s in pl.read_parquet(f, columns=["shard_id"])["shard_id"].unique(maintain_order=True)]
+    return [s for s in dict.fromkeys([*plan.shard_ids, *staged]) if s not in known]
+
+
+def active_run(instance: dg.DagsterInstance) -> str | None:
+    """Id of a queued or running run of the valuation job, if any."""
+    records = instance.get_run_records(filters=dg.RunsFilter(job_name=JOB, statuses=ACTIVE_STATUSES), limit=1)
+    return records[0].dagster_run.run_id if records else None
+
+
+def request(assets: tuple[str, ...], shard_range: tuple[str, str] | None, reason: str) -> dg.RunRequest:
     """A run of `assets` of the valuation job, over a contiguous range of shards when given."""
     tags = {RANGE_START: shard_range[0], RANGE_END: shard_range[1]} if shard_range else {}
-    return dg.RunRequest(run_key=run_key, asset_selection=[dg.AssetKey(a) for a in assets], tags=tags)
+    return dg.RunRequest(asset_selection=[dg.AssetKey(a) for a in assets], tags={**tags, REASON_TAG: reason})
 
 
-def has_materialization(instance: dg.DagsterInstance, asset: str) -> bool:
-    return instance.get_latest_materialization_event(dg.AssetKey(asset)) is not None
+def settings_changed(instance: dg.DagsterInstance, asset: str, code_versions: dict[str, str]) -> str | None:
+    """Why `asset`'s latest materialization is not current by its code version, or None."""
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None:
+        return f"{asset} was never materialized"
+    if event.asset_materialization.tags.get("dagster/code_version") != code_versions[asset]:
+        return f"{asset} has new settings (code version {code_versions[asset]})"
+    return None
+
+
+def model_stale(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: dict[str, str]) -> str | None:
+    if reason := settings_changed(instance, "model_checkpoint", code_versions):
+        return reason
+    if not delta.exists("model_checkpoint"):
+        return "the model_checkpoint table is missing"
+    row = latest_row(delta, "model_checkpoint")
+    if row["source"] == "local" and checkpoint_hash(row["path"]) != row["checkpoint_hash"]:
+        return f"the checkpoint files at {row['path']} changed"
+    return None
+
+
+def projection_stale(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: dict[str, str]) -> str | None:
+    if reason := settings_changed(instance, "gradient_projection", code_versions):
+        return reason
+    if not delta.exists("gradient_projection"):
+        return "the gradient_projection table is missing"
+    model_hash = latest_row(delta, "model_checkpoint")["checkpoint_hash"]
+    if latest_row(delta, "gradient_projection")["model_hash"] != model_hash:
+        return f"the projection was made for another model than the current {model_hash[:12]}"
+    return None
 
 
 def stale_shards(delta: DeltaStore, shards: list[str]) -> list[str]:
     """Shards with no gradients, or gradients of another model or projection than the current."""
-    from pipelines.artifacts import latest_row  # noqa: PLC0415 - keeps the sensor import light
-
-    if not delta.exists("projected_gradients") or not delta.exists("gradient_projection"):
+    if not delta.exists("projected_gradients"):
         return list(shards)
     current = latest_row(delta, "gradient_projection")
     done = delta.read("projected_gradients", columns=["shard_id", "projection_hash", "model_hash"]).unique()
-    fresh = done.filter((done["projection_hash"] == current["projection_hash"]) & (done["model_hash"] == current["model_hash"]))
-    return [s for s in shards if s not in set(fresh["shard_id"].to_list())]
+    fresh = done.filter((pl.col("projection_hash") == current["projection_hash"]) & (pl.col("model_hash") == current["model_hash"]))
+    fresh_ids = set(fresh["shard_id"].to_list())
+    return [s for s in shards if s not in fresh_ids]
 
 
-def scores_stale(instance: dg.DagsterInstance, code_versions: dict[str, str]) -> bool:
-    """Whether a score-level asset's last materialization used other settings than the current."""
-    for asset in ("hessian_factors", "valuation_queries", "influence_scores", "provider_valuations"):
-        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-        if event is None or event.asset_materialization.tags.get("dagster/code_version") != code_versions[asset]:
-            return True
-    return False
+def queries_stale(delta: DeltaStore) -> bool:
+    """Whether the query gradients are missing or of another model or projection than the current."""
+    if not delta.exists("valuation_queries"):
+        return True
+    current = latest_row(delta, "gradient_projection")
+    made = delta.read("valuation_queries", columns=["projection_hash", "model_hash"]).unique().rows()
+    return made != [(current["projection_hash"], current["model_hash"])]
 
 
-def stale_work(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: dict[str, str]) -> list[dg.RunRequest]:
-    """Run requests that bring every stale asset up to date, recomputing no fresh gradient."""
-    shards = instance.get_dynamic_partitions(shard_partitions.name)
+def scores_stale(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: dict[str, str], shards: list[str]) -> str | None:
+    for asset in SCORES:
+        if reason := settings_changed(instance, asset, code_versions):
+            return reason
+    if not delta.exists("valuation_provenance"):
+        return "no valuation was recorded yet"
+    provenance = json.loads(latest_row(delta, "valuation_provenance")["provenance"])
+    if provenance["shards"] != sorted(shards):
+        return f"the latest valuation covers {len(provenance['shards'])} shard(s), not the current {len(shards)}"
+    changed = sorted(t for t, v in provenance["tables"].items() if delta.version(t) != v)
+    if changed:
+        return f"tables changed since the latest valuation: {', '.join(changed)}"
+    return None
+
+
+def stale_work(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: dict[str, str], shards: list[str] | None = None) -> list[dg.RunRequest]:
+    """The run (at most one) that brings every stale asset up to date, recomputing no fresh gradient.
+
+    `shards` defaults to the instance's partitions (the sensor passes them with the ones it adds)."""
+    shards = instance.get_dynamic_partitions(shard_partitions.name) if shards is None else shards
     if not shards:
         return []
-    if not has_materialization(instance, "model_checkpoint") or not has_materialization(instance, "gradient_projection"):
-        return [request(ALL, (shards[0], shards[-1]))]
-    stale = stale_shards(delta, shards)
-    if stale:
-        return [request(NEW_SHARDS, r) for r in contiguous_ranges(stale, shards)]
-    if scores_stale(instance, code_versions):
-        return [request(SCORES)]
+    if reason := model_stale(instance, delta, code_versions):
+        return [request(ALL, (shards[0], shards[-1]), reason)]
+    if reason := projection_stale(instance, delta, code_versions):
+        return [request(REPROJECT, (shards[0], shards[-1]), reason)]
+    if stale := stale_shards(delta, shards):
+        positions = sorted(shards.index(s) for s in stale)  # one run over the range covering them
+        assets = (*NEW_SHARDS, "valuation_queries") if queries_stale(delta) else NEW_SHARDS
+        return [request(assets, (shards[positions[0]], shards[positions[-1]]), f"{len(stale)} shard(s) without current gradients")]
+    if reason := scores_stale(instance, delta, code_versions, shards):
+        return [request(SCORES, None, reason)]
     return []
 
 
 def build_automation(settings: Settings, assets: list[dg.AssetsDefinition]):
-    by_name = {a.key.path[-1]: a for a in assets}
-    code_versions = {name: a.code_versions_by_key[a.key] for name, a in by_name.items()}
+    versions = code_versions(assets)
     job = dg.define_asset_job(JOB, selection=dg.AssetSelection.all(), description="The valuation graph; sensor and schedule run subsets of it.")
 
     @dg.sensor(job=job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
     def landing_sensor(context: dg.SensorEvaluationContext, delta: DeltaStore) -> dg.SensorResult:
         """Stage new landing files and value their shards; quarantine malformed files with a reason."""
+        if busy := active_run(context.instance):
+            return dg.SensorResult(skip_reason=f"valuation run {busy} is in progress; new files wait for it")
         folder = landing_folder(settings)
         if settings.corpus.seed_embedded_corpus and seed_embedded_corpus(folder):
             context.log.info(f"seeded the embedded corpus into {folder}")
         plan = plan_landing(folder, settings.corpus.docs_per_shard)
         for name, reason in plan.quarantined.items():
-            context.log.warning(f"quarantined {name}: {reason}")
-        known = set(context.instance.get_dynamic_partitions(shard_partitions.name))
-        new = [s for s in plan.shard_ids if s not in known]
+            context.log.warning(f"quarantined {name} (see {folder / '_rejected'}): {reason}")
+        known = context.instance.get_dynamic_partitions(shard_partitions.name)
+        new = unregistered_shards(plan, set(known))
         if not new:
-            return dg.SensorResult(skip_reason=f"no new batch ({len(plan.already_ingested)} file(s) already ingested)")
-        shards = [*context.instance.get_dynamic_partitions(shard_partitions.name), *new]
-        if not has_materialization(context.instance, "model_checkpoint"):
-            requests = [request(ALL, (shards[0], shards[-1]), run_key=f"all-{shards[-1]}")]
-        else:
-            requests = [request(NEW_SHARDS, (new[0], new[-1]), run_key=f"new-{new[0]}-{new[-1]}")]
+            return dg.SensorResult(skip_reason=f"no new batch ({len(plan.already_ingested)} file(s) already ingested, {len(plan.quarantined)} quarantined)")
+        requests = [r.with_replaced_attrs(run_key=f"shards-{new[0]}-{new[-1]}") for r in stale_work(context.instance, delta, versions, [*known, *new])]
         return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=[shard_partitions.build_add_request(new)])
 
     @dg.schedule(cron_schedule=settings.automation.revaluation_cron, job=job, default_status=dg.DefaultScheduleStatus.RUNNING)
     def revaluation_schedule(context: dg.ScheduleEvaluationContext, delta: DeltaStore):
         """Revalue everything that is stale (see `stale_work`)."""
-        requests = stale_work(context.instance, delta, code_versions)
-        return requests or dg.SkipReason("nothing is stale")
+        if busy := active_run(context.instance):
+            return dg.SkipReason(f"valuation run {busy} is in progress; the next tick revalues what is still stale")
+        return stale_work(context.instance, delta, versions) or dg.SkipReason("nothing is stale")
 
     return [job], [landing_sensor], [revaluation_schedule]

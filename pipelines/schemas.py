@@ -264,14 +264,25 @@ def validate(table_name: str, df: pl.DataFrame) -> list[str]:
     """
     if table_name not in SCHEMAS:
         raise KeyError(f"no schema for table {table_name!r}; known tables: {sorted(SCHEMAS)}")
+    schema = SCHEMAS[table_name].to_schema()
+    # pandera reports failing values as text, which a blob that is not UTF-8 cannot be: blobs are checked below
+    blobs = [name for name, column in schema.columns.items() if column.checks and df.schema.get(name) == pl.Binary]
+    failures = []
     try:
-        SCHEMAS[table_name].validate(df, lazy=True)
+        schema.update_columns({name: {"checks": []} for name in blobs}).validate(df, lazy=True)
     except pa.errors.SchemaErrors as errors:
         grouped = errors.failure_cases.group_by("schema_context", "column", "check", maintain_order=True).agg(
             "failure_case", pl.col("index").drop_nulls()
         )
-        return [_shorten(f"{table_name}: {_describe(table_name, *row)}") for row in grouped.iter_rows()]
-    return []
+        failures += [_shorten(f"{table_name}: {_describe(table_name, *row)}") for row in grouped.iter_rows()]
+    for name in blobs:
+        for check in schema.columns[name].checks:
+            passed = check(df.lazy(), name).check_output.collect().to_series()
+            rows = (~passed.fill_null(True)).arg_true().to_list()
+            if rows:
+                cases = [df[name][i][:8].hex() + "..." for i in rows[:3]]
+                failures.append(_shorten(f"{table_name}: {_describe(table_name, 'Column', name, check.error or check.name, cases, rows)}"))
+    return failures
 
 
 def _describe(table_name: str, context: str, column: str, check: str, cases: list[str], rows: list[int]) -> str:

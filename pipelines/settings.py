@@ -123,4 +123,24 @@ class Settings:
         return f"{CODE_VERSION}-{digest[:12]}"
 
     def queries_path(self) -> Path:
-        return (PROJECT_ROOT / self.queries.queries_file).resolve()
+        return configured_path(self.queries.queries_file, "[queries] queries_file")
+
+
+class UnsafePathError(ValueError):
+    """A configured path leads outside the project root and DATAWORTH_HOME."""
+
+
+def configured_path(value: str, setting: str) -> Path:
+    """The absolute path a settings value names, refused unless inside the project root or DATAWORTH_HOME.
+
+    Relative values are resolved against the project root, absolute ones taken as they are; symlinks
+    and `..` are resolved before the check, so neither can lead outside the two roots.
+    """
+    roots = (PROJECT_ROOT.resolve(), dataworth_home())
+    path = (PROJECT_ROOT / Path(value).expanduser()).resolve()
+    if not any(path.is_relative_to(root) for root in roots):
+        raise UnsafePathError(
+            f"{setting} = {value!r} resolves to {path}, outside the project root {roots[0]} and DATAWORTH_HOME "
+            f"{roots[1]}; move it under one of them (relative paths are resolved against the project root)"
+        )
+    return path

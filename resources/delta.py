@@ -74,6 +74,17 @@ class TableVersionMissing(DeltaStoreError, LookupError):
         )
 
 
+class TableDataMissing(DeltaStoreError, FileNotFoundError):
+    """A data file of the latest version is gone: deleted behind our back."""
+
+    def __init__(self, name: str, path: str, error: Exception):
+        self.name, self.path = name, path
+        super().__init__(
+            f"Delta table {name!r} at {path} lists a data file that is gone ({error}); it was deleted outside "
+            f"dataworth. Re-materialize the asset {name!r} (its affected partitions) to write the rows again."
+        )
+
+
 class TableSchemaMismatch(DeltaStoreError, ValueError):
     """A frame's columns or types do not fit the existing table."""
 
@@ -217,6 +228,8 @@ class DeltaStore(dg.ConfigurableResource):
         try:
             return frame.collect()
         except FileNotFoundError as error:
+            if table.version() == self.version(name):
+                raise TableDataMissing(name, table.table_uri, error) from error
             raise TableVersionMissing(
                 name, table.version(), self.version(name), f"its data files were vacuumed ({error})"
             ) from error

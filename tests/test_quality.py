@@ -1,0 +1,77 @@
+"""The attribution-quality harness: subsets, Spearman/LDS against scipy, provider identification,
+and one tiny end-to-end LDS evaluation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dataworth import CausalLMTask, CurvatureConfig, ProjectionConfig
+from pipelines import quality
+
+
+def test_subset_masks_are_deterministic_halves():
+    a, b = quality.subset_masks(20, 6, 0.5, seed=3), quality.subset_masks(20, 6, 0.5, seed=3)
+    assert torch.equal(a, b) and a.shape == (6, 20)
+    assert (a.sum(1) == 10).all()
+    assert not torch.equal(a, quality.subset_masks(20, 6, 0.5, seed=4))
+    assert len({tuple(row.tolist()) for row in a}) == 6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spearman_matches_scipy_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 5, 30).astype(float), rng.normal(size=30)
+    assert quality.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert quality.spearman(b, b**3) == pytest.approx(1.0)
+    assert math.isnan(quality.spearman(np.ones(5), b[:5]))
+
+
+def test_lds_is_spearman_of_minus_subset_score_sums():
+    rng = np.random.default_rng(0)
+    scores = torch.tensor(rng.normal(size=(12, 3)))  # (N, Q)
+    masks = quality.subset_masks(12, 8, seed=1)
+    losses = torch.tensor(rng.normal(size=(2, 8, 3)))  # (S, m, Q)
+    got = quality.lds_per_query(scores, masks, losses)
+    predicted = -(masks.double().numpy() @ scores.numpy())
+    expected = [spearmanr(predicted[:, q], losses.mean(0)[:, q]).statistic for q in range(3)]
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
+    perfect = quality.lds_per_query(scores, masks, torch.tensor(predicted))  # losses exactly as predicted
+    np.testing.assert_allclose(perfect.numpy(), 1.0)
+    agreement = quality.seed_agreement(losses)
+    assert agreement[0] == pytest.approx(spearmanr(losses[0, :, 0], losses[1, :, 0]).statistic)
+
+
+def test_provider_accuracy_on_a_constructed_case():
+    scores = torch.tensor([[5.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 3.0, 0.0], [0.0, 0.0, -1.0]])  # (N=4, Q=3)
+    sums = quality.group_sums(scores, torch.tensor([0, 0, 1, 2]), 3)  # (P=3, Q)
+    torch.testing.assert_close(sums, torch.tensor([[6.0, 0.0, 2.0], [0.0, 3.0, 0.0], [0.0, 0.0, -1.0]], dtype=torch.float64))
+    assert quality.provider_accuracy(sums, torch.tensor([0, 1, 2])) == pytest.approx(2 / 3)
+
+
+def test_held_out_split_keeps_documents_apart():
+    docs = [f"d{i // 3}" for i in range(24)]  # 8 documents of 3 rows
+    providers = ["a" if i < 12 else "b" for i in range(24)]
+    train, held = quality.held_out_split(docs, providers, per_provider=1, max_train=10, seed=0)
+    assert len(train) == 10 and len(held) == 2
+    assert {providers[i] for i in held} == {"a", "b"}
+    assert not {docs[i] for i in held} & {docs[i] for i in train}
+    assert (train, held) == quality.held_out_split(docs, providers, per_provider=1, max_train=10, seed=0)
+
+
+def test_tiny_end_to_end_lds_is_finite():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_layer=1, n_head=2, n_embd=16, n_positions=16)).eval()
+    g = torch.Generator().manual_seed(0)
+    train = [torch.randint(1, 32, (10,), generator=g).tolist() for _ in range(12)]
+    queries = [(torch.randint(1, 32, (10,), generator=g).tolist(), 4) for _ in range(3)]
+    metrics = quality.evaluate(
+        model, CausalLMTask(pad_token_id=0), train, queries, ProjectionConfig(rank_in=2, rank_out=2, exclude=("lm_head",)),
+        CurvatureConfig(kind="ekfac"), quality.RetrainConfig(subsets=4, seeds=2, epochs=1, lr=1e-2, batch_size=4),
+        train_providers=torch.tensor([0, 1] * 6), provider_queries=train[:2], query_providers=torch.tensor([0, 1]),
+    )
+    assert all(math.isfinite(metrics[k]) for k in ("lds", "seed_agreement", "provider_acc"))
+    assert -1 <= metrics["lds"] <= 1 and metrics["subsets"] == 4
