@@ -41,15 +41,18 @@ def grid(quick: bool) -> list[tuple[ProjectionConfig, list[tuple[CurvatureConfig
             configs += [(CurvatureConfig(kind=k, fisher="sampled"), "none") for k in KINDS[1:]]
             configs += [(CurvatureConfig(), n) for n in ("relatif", "cosine")]
             out.append((ProjectionConfig(rank_in=r, rank_out=r, init=init, exclude=("lm_head",)), configs))
+    if not quick:  # no projection: D_l = n_in n_out, too large for raw / EK-FAC second moments
+        full = [(CurvatureConfig(kind="identity"), "none"), *[(CurvatureConfig(kind="kfac", damping=d), "none") for d in dampings]]
+        out.append((ProjectionConfig(init="identity", exclude=("lm_head",)), [*full, (CurvatureConfig(kind="kfac", fisher="sampled"), "none")]))
     return out
 
 
 BRITTLE_RANK = {True: 8, False: 16}  # quick -> the rank whose configurations get brittleness
 
 
-def is_brittle_probe(rank: int, curvature: CurvatureConfig, normalize: str, quick: bool) -> bool:
+def is_brittle_probe(rank: int | str, curvature: CurvatureConfig, normalize: str, quick: bool) -> bool:
     """Brittleness retrains per configuration: only at one rank, damping 0.1, empirical Fisher, no normalisation."""
-    return rank == BRITTLE_RANK[quick] and curvature.damping == 0.1 and curvature.fisher == "empirical" and normalize == "none"
+    return rank in (BRITTLE_RANK[quick], "full") and curvature.damping == 0.1 and curvature.fisher == "empirical" and normalize == "none"
 
 
 def main() -> None:
@@ -106,13 +109,15 @@ def main() -> None:
             run.log_metrics(metrics | {"seed_agreement": agreement})
 
     for projection, configs in grid(args.quick):
-        gradients = Q.capture(model, task, bench.train, bench.queries, projection, fishers=("empirical", "sampled"))
+        full_rank = projection.init == "identity"
+        rank = "full" if full_rank else projection.rank_in
+        gradients = Q.capture(model, task, bench.train, bench.queries, projection, fishers=("empirical", "sampled"), second_moment=not full_rank)
         for curvature, normalize in configs:
             scores = Q.score_matrix(gradients, curvature, normalize)
-            params = {"method": "dataworth", "init": projection.init, "rank": projection.rank_in, "kind": curvature.kind,
+            params = {"method": "dataworth", "init": projection.init, "rank": rank, "kind": curvature.kind,
                       "fisher": curvature.fisher, "damping": curvature.damping, "normalize": normalize}
             name = "-".join(str(v) for v in params.values())
-            record(name, params, evaluate(scores, is_brittle_probe(projection.rank_in, curvature, normalize, args.quick)))
+            record(name, params, evaluate(scores, is_brittle_probe(rank, curvature, normalize, args.quick)))
 
     if not args.no_kronfluence:
         try:
@@ -145,7 +150,7 @@ def write_results(path: Path, rows, common, retrain, args, seconds: float) -> No
         f"({retrain.epochs} epochs, AdamW lr {retrain.lr}, batch {retrain.batch_size}); Spearman per query, mean over queries. "
         "Seed-to-seed agreement (Spearman of the two seeds' losses across subsets, mean over queries): "
         f"**{common['seed_agreement']:.3f}**.{noise}\n\n"
-        f"Brittleness (rank {BRITTLE_RANK[args.quick]}, damping 0.1, empirical Fisher, no normalisation, and Kronfluence only): "
+        f"Brittleness (rank {BRITTLE_RANK[args.quick]} and full, damping 0.1, empirical Fisher, no normalisation, and Kronfluence only): "
         f"for {args.brittle_queries} queries, remove the top-{args.brittle_k} training sequences by score and retrain (2 seeds); "
         f"`topk_inc` = mean query loss increase (nats), `rand_inc` = the same for {args.brittle_k} random sequences, "
         "`beats` = fraction of queries where top-k > random. "

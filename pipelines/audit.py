@@ -13,7 +13,13 @@ import polars as pl
 import torch
 
 from assets.common import binary_to_gradients, frame_to_tensors, sql_in
-from dataworth import Curvature, CurvatureConfig, InfluenceScorer, MismatchError, Projection
+from dataworth import (
+    Curvature,
+    CurvatureConfig,
+    InfluenceScorer,
+    MismatchError,
+    Projection,
+)
 from pipelines.artifacts import latest_row
 from pipelines.lm import checkpoint_hash
 from resources.delta import DeltaStore, DeltaStoreError, TableVersionMissing
@@ -148,9 +154,9 @@ def to_text(report: dict) -> str:
         if "error" in v:
             lines += ["", f"verify: FAILED: {v['error']}"]
         else:
-            lines += ["", f"verify: recomputed {v['queries_recomputed']} queries from the recorded versions; largest deviation "
-                          f"{v['max_abs_deviation']:.3g} (relative {v['max_relative_deviation']:.3g}, tolerance {v['tolerance']:g}): "
-                          f"{'PASSED' if v['passed'] else 'FAILED'}"]
+            lines += ["", (f"verify: recomputed {v['queries_recomputed']} queries from the recorded versions; largest deviation "
+                           f"{v['max_abs_deviation']:.3g} (relative {v['max_relative_deviation']:.3g}, tolerance {v['tolerance']:g}): "
+                           f"{'PASSED' if v['passed'] else 'FAILED'}")]
     return "\n".join(lines)
 
 

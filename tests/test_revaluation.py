@@ -21,10 +21,25 @@ from deltalake import DeltaTable
 from pipelines.batches import staged_corpus
 from pipelines.cli import DAGSTER_YAML
 from pipelines.definitions import build_definitions
-from pipelines.revaluation import ALL, NEW_SHARDS, REPROJECT, SCORES, code_versions, stale_shards, stale_work
+from pipelines.revaluation import (
+    ALL,
+    NEW_SHARDS,
+    REPROJECT,
+    SCORES,
+    code_versions,
+    stale_shards,
+    stale_work,
+)
 from pipelines.settings import Settings
 from resources.delta import DeltaStore
-from tests.pipeline_harness import RANGE_END, RANGE_START, TINY_SETTINGS, landing_records, make_tiny_setup, write_jsonl
+from tests.pipeline_harness import (
+    RANGE_END,
+    RANGE_START,
+    TINY_SETTINGS,
+    landing_records,
+    make_tiny_setup,
+    write_jsonl,
+)
 
 GRADIENTS = dg.AssetKey("projected_gradients")
 
@@ -207,7 +222,7 @@ def test_dataworth_run_values_a_new_landing_file_then_finds_nothing_stale(valued
     old_version = delta.version("projected_gradients")
     write_jsonl(valued.landing / "batch3.jsonl", landing_records("polars", 4, 3))
     script = Path(sys.executable).parent / "dataworth"
-    first = subprocess.run([script, "run"], capture_output=True, text=True, timeout=400)
+    first = subprocess.run([script, "run"], check=False, capture_output=True, text=True, timeout=400)
     assert first.returncode == 0, first.stdout + first.stderr
     new = [s for s in shards_of(valued) if s not in old_shards]
     assert len(new) == 1 and "staged 1 batch(es): 1 new shard(s)" in first.stdout
@@ -217,7 +232,7 @@ def test_dataworth_run_values_a_new_landing_file_then_finds_nothing_stale(valued
     vids = valuation_ids(delta)
     assert len(vids) == 3 and f"valuation {vids[-1]}" in first.stdout
 
-    second = subprocess.run([script, "run"], capture_output=True, text=True, timeout=200)
+    second = subprocess.run([script, "run"], check=False, capture_output=True, text=True, timeout=200)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "nothing is stale" in second.stdout and "materializing" not in second.stdout and f"valuation {vids[-1]}" in second.stdout
 
