@@ -4,6 +4,10 @@ The lineage comes from the valuation's provenance record (`valuation_provenance`
 metadata of every upstream Delta table at the recorded version, and the MLflow run. `--verify`
 re-reads those exact versions (Delta time travel), recomputes the provider x query sums of a sample
 of queries from the stored gradients and factors, and reports the largest deviation.
+
+Exit status: 0 ok; 1 the recomputation deviates beyond TOLERANCE; 2 the valuation is unknown, or an
+upstream version is gone (vacuumed, log cleaned up) or changed (checkpoint or projection files).
+`--json` prints the same report for machines (with `verify.error` when it could not run).
 """
 
 import json

@@ -8,7 +8,7 @@ import warnings
 
 import dagster as dg
 
-from assets import corpus, gradients, valuation
+from assets import corpus, gradients, quality, valuation
 from assets.common import shard_partitions
 from pipelines.settings import Settings
 from resources.delta import DeltaStore
@@ -28,8 +28,10 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     from pipelines.revaluation import build_automation  # noqa: PLC0415 - it needs the assets above
 
     jobs, sensors, schedules = build_automation(settings, assets)
+    valuation_queries = valuation_assets[0]
+    quality_asset = quality.build(settings, model_checkpoint, token_shards, valuation_queries)  # on demand only
     return dg.Definitions(
-        assets=assets,
+        assets=[*assets, quality_asset],
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,

@@ -167,7 +167,7 @@ def stale_work(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: d
 
 def build_automation(settings: Settings, assets: list[dg.AssetsDefinition]):
     versions = code_versions(assets)
-    job = dg.define_asset_job(JOB, selection=dg.AssetSelection.all(), description="The valuation graph; sensor and schedule run subsets of it.")
+    job = dg.define_asset_job(JOB, selection=dg.AssetSelection.assets(*ALL), description="The valuation graph; sensor and schedule run subsets of it.")
 
     @dg.sensor(job=job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
     def landing_sensor(context: dg.SensorEvaluationContext, delta: DeltaStore) -> dg.SensorResult:

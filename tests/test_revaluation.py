@@ -18,7 +18,7 @@ from dagster._core.test_utils import create_run_for_test
 from dagster._utils.test.data_versions import get_stale_status_resolver
 from deltalake import DeltaTable
 
-from pipelines.batches import staged_corpus
+from pipelines.batches import plan_landing, staged_corpus
 from pipelines.cli import DAGSTER_YAML
 from pipelines.definitions import build_definitions
 from pipelines.revaluation import (
@@ -185,9 +185,11 @@ def test_sensor_values_a_new_batch_computing_only_its_shards(valued):
     assert "in progress" in evaluate_schedule(valued, defs).skip_message
     valued.instance.delete_run(run.run_id)
 
+    crashed = plan_landing(valued.landing, 3)  # a tick that staged the file, then died before adding its partitions
+    assert len(crashed.shard_ids) == 2 and not (valued.landing / "batch2.jsonl").exists()
     result = evaluate_sensor(valued, defs)
     new = list(result.dynamic_partitions_requests[0].partition_keys)
-    assert len(new) == 2 and not set(new) & set(old_shards)
+    assert new == crashed.shard_ids and not set(new) & set(old_shards)
     (request,) = result.run_requests
     assert selection(request) == set(NEW_SHARDS)
     assert (request.tags[RANGE_START], request.tags[RANGE_END]) == (new[0], new[-1])
