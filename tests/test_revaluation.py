@@ -101,6 +101,11 @@ def shard_files(delta: DeltaStore, shards: list[str]) -> dict[str, list[str]]:
     return {s: sorted(table.file_uris([("shard_id", "=", s)])) for s in shards}
 
 
+def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    """Assets of the valuation graph whose code version differs."""
+    return {a for a in ALL if after[a] != before[a]}
+
+
 def shards_of(setup) -> list[str]:
     return setup.instance.get_dynamic_partitions("shards")
 
@@ -245,7 +250,7 @@ def test_new_damping_recomputes_scores_without_gradients(valued):
     gradients_version = delta.version("projected_gradients")
     defs = use_settings(tiny_settings(damping=0.05))
     after = code_versions(defs.assets)
-    assert {a for a in after if after[a] != before[a]} == {"influence_scores"}
+    assert changed(before, after) == {"influence_scores"}
 
     (request,) = stale_work(valued.instance, delta, after)
     assert selection(request) == set(SCORES) and RANGE_START not in request.tags
@@ -265,13 +270,13 @@ def test_new_query_set_recomputes_scores_without_gradients(valued):
     queries = valued.home / "queries.jsonl"
     queries.write_text('{"query_id": "a", "prompt": "Compute the mean of"}\n')
     after = code_versions(use_settings(tiny_settings(damping=0.05, queries_file=queries)).assets)
-    assert {a for a in after if after[a] != before[a]} == {"valuation_queries"}
+    assert changed(before, after) == {"valuation_queries"}
     (request,) = stale_work(valued.instance, valued.delta, after)
     assert selection(request) == set(SCORES)
 
     queries.write_text('{"query_id": "a", "prompt": "Compute the median of"}\n')
     edited = code_versions(build_definitions(Settings.load()).assets)
-    assert {a for a in edited if edited[a] != after[a]} == {"valuation_queries"}
+    assert changed(after, edited) == {"valuation_queries"}
     use_settings(tiny_settings(damping=0.05))
     assert stale_work(valued.instance, valued.delta, before) == []
 
