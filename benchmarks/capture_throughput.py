@@ -80,11 +80,11 @@ def contention() -> str:
     return text
 
 
-def cpu_pressure() -> float | None:
-    """Share (%) of the last 10 s in which some runnable task waited for a CPU; None without PSI."""
+def cpu_pressure(window: str = "avg10") -> float | None:
+    """Share (%) of the last 10 s (avg10) or 60 s (avg60) in which some runnable task waited for a CPU; None without PSI."""
     try:
         with open("/proc/pressure/cpu") as f:
-            return float(dict(kv.split("=") for kv in f.readline().split()[1:])["avg10"])
+            return float(dict(kv.split("=") for kv in f.readline().split()[1:])[window])
     except OSError:
         return None
 
@@ -208,7 +208,7 @@ def worker(args) -> dict:
             if i >= args.warmup:
                 train_t.append(t_train)
                 capture_t.append(t_capture)
-        return out | {"train_times": train_t, "capture_times": capture_t, "contention": contention()}
+        return out | {"train_times": train_t, "capture_times": capture_t, "contention": contention(), "pressure": cpu_pressure("avg60")}
     else:  # dense
         logra = new_logra(model, task)
         dim = logra.projection.layout.dim
@@ -238,7 +238,7 @@ def worker(args) -> dict:
             "matrix_bytes": dim * n_total * 4, "per_example": impl["name"],
             "grad_times": [g for g, _ in parts], "slice_times": [s for _, s in parts],
         }  # fmt: skip
-    return out | {"times": times, "peak_delta_mib": (peak - base) / 1024, "peak_reset": reset, "contention": contention()}
+    return out | {"times": times, "peak_delta_mib": (peak - base) / 1024, "peak_reset": reset, "contention": contention(), "pressure": cpu_pressure("avg60")}
 
 
 # --------------------------------------------------------------------------- driver
@@ -335,6 +335,20 @@ def report(args, runs: dict[str, list[dict]], info: dict) -> str:
         f"throughput ratio median **{ratio:.2f}x** (quartiles {q[0]:.2f}-{q[2]:.2f}). Target >= 1.3x; about 1.5x is "
         "the matmul-FLOP bound, since capture skips the weight-gradient matmuls, a third of a training step's."
     )
+    best_train, best_capture = min(times["train"] + train_p), min(times["capture"] + capture_p)
+    notes.append(
+        f"Least-disturbed batches (best of all {len(times['train']) + len(train_p)} timed batches of each, fresh and "
+        f"paired workers): training step {_rate(tokens, best_train)} tokens/s ({best_train:.3f} s), capture "
+        f"{_rate(tokens, best_capture)} tokens/s ({best_capture:.3f} s): capture / training step **{best_train / best_capture:.2f}x**."
+    )
+    pressures = [r["pressure"] for rs in runs.values() for r in rs if r.get("pressure") is not None]
+    if pressures and max(pressures) > 10:
+        notes.append(
+            f"**Shared machine:** other processes kept the CPUs busy during this run (CPU pressure up to "
+            f"{max(pressures):.0f}% over the minute before a worker ended, see below), which moves single batches by "
+            "several x. The medians then measure that other work more than the methods; the best-of figures estimate "
+            "the undisturbed machine. Rerun on a quiet machine (`--wait-quiet`) for clean medians."
+        )
     return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
 
 

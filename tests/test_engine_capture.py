@@ -163,3 +163,21 @@ def test_llama_capture_equals_brute_force():
     captured = logra.capture(sequences)
     expected = explicit_projection(logra.projection, hf_per_example_grads(model, sequences, kinds))
     torch.testing.assert_close(captured.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_capture_matches_fp32_within_bf16_precision():
+    """A bf16 model captures through the same hooks; statistics accumulate in fp32 or fp64."""
+    model = tiny_gpt2()
+    g = torch.Generator().manual_seed(2)
+    sequences = [torch.randint(1, 40, (n,), generator=g).tolist() for n in (10, 6, 12)]
+    config = ProjectionConfig(rank_in=6, rank_out=5, exclude=("lm_head",))
+    reference = LoGra(model, CausalLMTask(pad_token_id=0), config, batch_size=3)
+    fp32 = reference.capture(sequences)
+    low = LoGra(tiny_gpt2().to(torch.bfloat16), CausalLMTask(pad_token_id=0), projection=reference.projection, batch_size=3)
+    for dtype in (torch.float32, torch.float64):
+        stats = low.new_statistics(dtype=dtype)
+        bf16 = low.capture(sequences, statistics=stats)
+        assert bf16.dtype == torch.float32 and stats.sums["transformer.h.0.mlp.c_fc"]["activation"].dtype == dtype
+        cosine = torch.nn.functional.cosine_similarity(bf16, fp32, dim=1)
+        assert cosine.min() > 0.98, cosine
+        assert ((bf16 - fp32).norm() / fp32.norm()) < 0.1
