@@ -104,20 +104,34 @@ class Preconditioner:
     def __init__(self, curvature: Curvature, damping: dict[str, float]):
         self.curvature = curvature
         self.damping = damping
+        self._prepared: dict[torch.dtype, dict[str, tuple]] = {}
+
+    def _factors(self, dtype: torch.dtype) -> dict[str, tuple]:
+        """Per layer (eigenvectors..., damped eigenvalues) cast to `dtype`, once per dtype: the
+        scoring stream calls this preconditioner once per block."""
+        if dtype not in self._prepared:
+            prepared = {}
+            for block in self.curvature.layout.blocks:
+                f = {k: v.to(dtype) for k, v in self.curvature.factors[block.name].items()}
+                denom = f["eigenvalues"] + self.damping[block.name]
+                vectors = (f["eigenvectors"],) if self.curvature.kind == "raw" else (f["q_s"], f["q_a"])
+                prepared[block.name] = (*vectors, denom)
+            self._prepared[dtype] = prepared
+        return self._prepared[dtype]
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         if self.curvature.kind == "identity":
             return flat.clone()
+        factors = self._factors(flat.dtype)
         out = torch.empty_like(flat)
         for block in self.curvature.layout.blocks:
-            f = {k: v.to(flat.dtype) for k, v in self.curvature.factors[block.name].items()}
-            lam = self.damping[block.name]
             g = block.view(flat)  # (N, k_out, k_in)
             if self.curvature.kind == "raw":
-                q = f["eigenvectors"]  # (D_b, D_b)
-                r = (g.reshape(-1, block.size) @ q) / (f["eigenvalues"] + lam)  # (N, D_b) rotated
+                q, denom = factors[block.name]  # (D_b, D_b), (D_b,)
+                r = (g.reshape(-1, block.size) @ q) / denom  # (N, D_b) rotated
                 out[:, block.offset : block.offset + block.size] = r @ q.T
             else:
-                r = f["q_s"].T @ g @ f["q_a"] / (f["eigenvalues"] + lam)  # (N, k_out, k_in)
-                out[:, block.offset : block.offset + block.size] = (f["q_s"] @ r @ f["q_a"].T).reshape(-1, block.size)
+                q_s, q_a, denom = factors[block.name]  # (k_out, k_out), (k_in, k_in), (k_out, k_in)
+                r = q_s.T @ g @ q_a / denom  # (N, k_out, k_in)
+                out[:, block.offset : block.offset + block.size] = (q_s @ r @ q_a.T).reshape(-1, block.size)
         return out

@@ -10,6 +10,7 @@ import dagster as dg
 
 from assets import corpus, gradients, quality, valuation
 from assets.common import shard_partitions
+from pipelines.revaluation import build_automation
 from pipelines.settings import Settings
 from resources.delta import DeltaStore
 from resources.tracking import MlflowTracker
@@ -25,8 +26,6 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     gradient_projection, projected_gradients, hessian_factors = gradients.build(settings, token_shards, model_checkpoint)
     valuation_assets = valuation.build(settings, model_checkpoint, gradient_projection, projected_gradients, hessian_factors)
     assets = [training_corpus, model_checkpoint, token_shards, gradient_projection, projected_gradients, hessian_factors, *valuation_assets]
-    from pipelines.revaluation import build_automation  # noqa: PLC0415 - it needs the assets above
-
     jobs, sensors, schedules = build_automation(settings, assets)
     valuation_queries = valuation_assets[0]
     quality_asset = quality.build(settings, model_checkpoint, token_shards, valuation_queries)  # on demand only
