@@ -65,14 +65,16 @@ def use_settings(text: str) -> dg.Definitions:
     return build_definitions(Settings.load())
 
 
+# The contexts are closed with `with`: one built from a persistent instance opens its own instance from
+# the reference and makes it Dagster's current one, which would otherwise outlive the context.
 def evaluate_sensor(setup, defs: dg.Definitions) -> dg.SensorResult:
-    context = dg.build_sensor_context(instance=setup.instance, resources={"delta": DeltaStore()})
-    return defs.resolve_sensor_def("landing_sensor")(context)
+    with dg.build_sensor_context(instance=setup.instance, resources={"delta": DeltaStore()}) as context:
+        return defs.resolve_sensor_def("landing_sensor")(context)
 
 
 def evaluate_schedule(setup, defs: dg.Definitions):
-    context = dg.build_schedule_context(instance=setup.instance, resources={"delta": DeltaStore()})
-    return defs.resolve_schedule_def("revaluation_schedule")(context)
+    with dg.build_schedule_context(instance=setup.instance, resources={"delta": DeltaStore()}) as context:
+        return defs.resolve_schedule_def("revaluation_schedule")(context)
 
 
 def execute(setup, defs: dg.Definitions, requests) -> list[dg.ExecuteInProcessResult]:
