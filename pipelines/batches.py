@@ -5,7 +5,8 @@ and nothing of it is ingested. Otherwise its new documents (content not already 
 written to `$DATAWORTH_HOME/batches/<batch_id>.parquet` with a shard id each (documents sorted by
 doc_id, `docs_per_shard` per shard), the original bytes are kept beside it, and the landing file is
 removed. The shard ids become Dagster partitions; `training_corpus` copies a staged shard into Delta.
-A file whose bytes were already staged (same batch id) changes nothing.
+A file whose bytes were already staged (same batch id) changes nothing; it is moved to
+`landing/_already_ingested` with a note naming its batch.
 """
 
 import os
@@ -103,7 +104,8 @@ def _stage(path: Path, rows: pl.DataFrame, batch_id: str) -> None:
 
 
 def plan_landing(landing: Path, docs_per_shard: int, now: datetime | None = None) -> Plan:
-    """Stage every landing file (sorted by name); quarantine bad ones under `landing/_rejected`."""
+    """Stage every landing file (sorted by name); move bad ones to `landing/_rejected` and repeated
+    ones to `landing/_already_ingested`, each with a reason."""
     now = now or datetime.now(timezone.utc)
     rejected_dir = landing / "_rejected"
     plan = Plan([], {}, [])
@@ -120,7 +122,8 @@ def plan_landing(landing: Path, docs_per_shard: int, now: datetime | None = None
             plan.quarantined[path.name] = reason
             continue
         batch_id = batch_id_for(path)
-        if (staged_dir() / f"{batch_id}.parquet").exists():
+        if (staged_dir() / f"{batch_id}.parquet").exists():  # set aside, so later ticks do not hash it again
+            quarantine(path, f"its bytes were already ingested as batch {batch_id}; nothing to do", landing / "_already_ingested")
             plan.already_ingested.append(path.name)
             continue
         try:

@@ -42,7 +42,7 @@ def plan_runs(instance, settings, versions: dict[str, str]) -> list:
     for name, reason in plan.quarantined.items():
         print(f"quarantined {name} (see {folder / '_rejected'}): {reason}", file=sys.stderr)
     if plan.already_ingested:
-        print(f"already ingested, ignored: {', '.join(plan.already_ingested)}")
+        print(f"already ingested, moved to {folder / '_already_ingested'}: {', '.join(plan.already_ingested)}")
     new = unregistered_shards(plan, set(instance.get_dynamic_partitions(shard_partitions.name)))
     if new:
         instance.add_dynamic_partitions(shard_partitions.name, new)
@@ -55,10 +55,13 @@ def run(_args) -> int:
     import dagster as dg
 
     from pipelines.definitions import defs, valuation_job
-    from pipelines.revaluation import RANGE_END, RANGE_START, REASON_TAG, code_versions
+    from pipelines.revaluation import RANGE_END, RANGE_START, REASON_TAG, active_run, code_versions
     from pipelines.settings import Settings
 
     instance = dg.DagsterInstance.get()
+    if busy := active_run(instance, lambda message: print(message, file=sys.stderr)):
+        print(f"valuation run {busy} is in progress; wait for it to end, or terminate it in the Dagster UI (dataworth ui), then run again", file=sys.stderr)
+        return 1
     requests = plan_runs(instance, Settings.load(), code_versions(defs.assets))
     if not requests:
         print("nothing is stale: the latest valuation is up to date")

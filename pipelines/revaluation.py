@@ -5,7 +5,9 @@
   On a fresh state folder it seeds the embedded corpus and runs the whole graph.
 - `revaluation_schedule` (cron `[automation] revaluation_cron`, daily by default): requests `stale_work`.
 Both wait while a run of the valuation job is queued or in progress, so two runs never score
-against each other's half-made shards.
+against each other's half-made shards. A run left STARTED by a process that died on this machine
+(SIGKILL, power loss) would block them for ever; `active_run` marks it failed instead, and what it did
+not finish is stale like any missing shard.
 
 What is stale, in the order `stale_work` checks it (the first hit decides the one run it requests):
 - the model: never materialized, its settings changed (code version), or a local checkpoint's files
@@ -22,10 +24,11 @@ What is stale, in the order `stale_work` checks it (the first hit decides the on
 """
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import dagster as dg
 import polars as pl
+import psutil
 
 from assets.common import shard_partitions
 from pipelines.artifacts import latest_row
@@ -66,10 +69,40 @@ def unregistered_shards(plan: Plan, known: set[str]) -> list[str]:
     return [s for s in dict.fromkeys([*plan.shard_ids, *staged]) if s not in known]
 
 
-def active_run(instance: dg.DagsterInstance) -> str | None:
-    """Id of a queued or running run of the valuation job, if any."""
-    records = instance.get_run_records(filters=dg.RunsFilter(job_name=JOB, statuses=ACTIVE_STATUSES), limit=1)
-    return records[0].dagster_run.run_id if records else None
+def process_gone(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
+    """Why a started run can never end, when the process that runs it on this machine is gone, or None.
+
+    Only for runs on this machine (the default run launcher, and `dataworth run`): the pid is the one
+    that reported the run's start; a pid reused by a younger process counts as gone."""
+    if run.status not in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING):
+        return None
+    if not isinstance(instance.run_launcher, dg.DefaultRunLauncher):
+        return None
+    records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_START, limit=1).records
+    if not records or (pid := records[0].event_log_entry.dagster_event.pid) is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= records[0].event_log_entry.timestamp + 1:
+            return None
+    except psutil.NoSuchProcess:
+        pass
+    return f"process {pid}, which ran it, is gone (killed?)"
+
+
+def active_run(instance: dg.DagsterInstance, warn: Callable[[str], None]) -> str | None:
+    """Id of a queued or running run of the valuation job, if any.
+
+    A started run whose process is gone (see `process_gone`) is first marked failed, and `warn` told."""
+    for record in instance.get_run_records(filters=dg.RunsFilter(job_name=JOB, statuses=ACTIVE_STATUSES)):
+        run = record.dagster_run
+        if reason := process_gone(instance, run):
+            message = f"marked valuation run {run.run_id} failed: {reason}; what it did not finish is stale and will be redone"
+            instance.report_run_failed(run, message)
+            warn(message)
+            continue
+        return run.run_id
+    return None
 
 
 def request(assets: tuple[str, ...], shard_range: tuple[str, str] | None, reason: str) -> dg.RunRequest:
@@ -172,7 +205,7 @@ def build_automation(settings: Settings, assets: list[dg.AssetsDefinition]):
     @dg.sensor(job=job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
     def landing_sensor(context: dg.SensorEvaluationContext, delta: DeltaStore) -> dg.SensorResult:
         """Stage new landing files and value their shards; quarantine malformed files with a reason."""
-        if busy := active_run(context.instance):
+        if busy := active_run(context.instance, context.log.warning):
             return dg.SensorResult(skip_reason=f"valuation run {busy} is in progress; new files wait for it")
         folder = landing_folder(settings)
         if settings.corpus.seed_embedded_corpus and seed_embedded_corpus(folder):
@@ -190,7 +223,7 @@ def build_automation(settings: Settings, assets: list[dg.AssetsDefinition]):
     @dg.schedule(cron_schedule=settings.automation.revaluation_cron, job=job, default_status=dg.DefaultScheduleStatus.RUNNING)
     def revaluation_schedule(context: dg.ScheduleEvaluationContext, delta: DeltaStore):
         """Revalue everything that is stale (see `stale_work`)."""
-        if busy := active_run(context.instance):
+        if busy := active_run(context.instance, context.log.warning):
             return dg.SkipReason(f"valuation run {busy} is in progress; the next tick revalues what is still stale")
         return stale_work(context.instance, delta, versions) or dg.SkipReason("nothing is stale")
 

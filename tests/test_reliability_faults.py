@@ -1,4 +1,5 @@
-"""Faults: a gradient step killed with SIGKILL, concurrent writers, re-materialization, two fresh homes.
+"""Faults: a gradient step or `dataworth run` killed with SIGKILL, concurrent writers, re-materialization,
+two fresh homes.
 
 One tiny home is materialized per module and its tables kept as the reference (the uninterrupted run).
 Child processes (tests/reliability_worker.py) run the real job on a clone of that home.
@@ -11,14 +12,19 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
+import dagster as dg
 import pytest
 from deltalake import DeltaTable
 from polars.testing import assert_frame_equal
 
+from pipelines import cli
 from pipelines.artifacts import latest_row
-from pipelines.home import PROJECT_ROOT
-from pipelines.revaluation import stale_shards
+from pipelines.home import PROJECT_ROOT, dagster_home
+from pipelines.revaluation import active_run, code_versions, stale_shards, stale_work
 from pipelines.schemas import SCHEMAS
+from tests.pipeline_harness import make_tiny_setup
 from tests.reliability_support import canonical, clone, materialized_setup, run
 
 GRADIENT_TABLES = ("projected_gradients", "projected_gradients_statistics")
@@ -83,6 +89,41 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_uninterrupted_rows(base, t
     vid = latest_row(home.delta, "valuation_provenance")["valuation_id"]
     scores = home.delta.read("influence_scores", filter=f"valuation_id = '{vid}'")
     assert_same_table("influence_scores", scores, reference["influence_scores"], drop=("valuation_id",))
+
+
+def test_dataworth_run_waits_for_a_live_run_and_takes_over_from_a_killed_one(tmp_path, monkeypatch, capsys):
+    """A second `dataworth run` refuses while the first runs; killed (its whole process group), the first
+    stays STARTED until the next `dataworth run` marks it failed and finishes the valuation."""
+    setup = make_tiny_setup(tmp_path, monkeypatch)
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home()))  # the instance `dataworth run` uses
+    script = Path(sys.executable).parent / "dataworth"
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen([script, "run"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not commits(setup.home, "projected_gradients") and first.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            instance = dg.DagsterInstance.get()
+            (live,) = instance.get_runs()
+            warnings = []
+            assert active_run(instance, warnings.append) == live.run_id and warnings == []
+            assert cli.main(["run"]) == 1
+            assert f"valuation run {live.run_id} is in progress; wait for it to end" in capsys.readouterr().err
+            assert len(instance.get_runs()) == 1 and first.poll() is None  # it refused while the first still ran
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+        assert first.wait() == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    assert instance.get_run_by_id(live.run_id).status == dg.DagsterRunStatus.STARTED
+
+    resumed = subprocess.run([script, "run"], check=False, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"marked valuation run {live.run_id} failed: process {first.pid}, which ran it, is gone" in resumed.stderr
+    assert instance.get_run_by_id(live.run_id).status == dg.DagsterRunStatus.FAILURE
+    shards = instance.get_dynamic_partitions("shards")
+    gradients = setup.delta.read("projected_gradients")
+    assert sorted(gradients["shard_id"].unique()) == sorted(shards) and gradients["seq_id"].is_unique().all()
+    assert gradients.height == setup.delta.read("token_shards").height
+    assert stale_work(instance, setup.delta, code_versions(setup.definitions().assets)) == []
 
 
 def test_two_processes_writing_partitions_of_one_table_both_land(base, tmp_path, monkeypatch):

@@ -161,7 +161,10 @@ def test_sensor_does_nothing_for_an_already_ingested_file(valued):
     assert not result.run_requests and not result.dynamic_partitions_requests
     assert "1 file(s) already ingested" in result.skip_reason.skip_message
     assert valued.delta.version("training_corpus") == before and len(shards_of(valued)) == 6
-    (valued.landing / "numpy-again.jsonl").unlink()
+    set_aside = valued.landing / "_already_ingested"
+    assert not (valued.landing / "numpy-again.jsonl").exists() and (set_aside / "numpy-again.jsonl").is_file()
+    assert "already ingested as batch b-" in (set_aside / "numpy-again.jsonl.reason.txt").read_text()
+    assert "0 file(s) already ingested" in evaluate_sensor(valued, valued.definitions()).skip_reason.skip_message
 
 
 def test_sensor_quarantines_malformed_files_whole(valued):
