@@ -7,10 +7,13 @@ A tiny GPT-2 is pre-trained once (cached in benchmarks/.cache/); fine-tuning it 
 the training set with 2 seeds gives the ground truth, shared by every configuration. Gradients are
 captured once per projection; every curvature/damping/Fisher/normalisation is then a cheap re-score.
 Each configuration is one MLflow run (params = configuration, metrics = lds, brittleness, provider id).
+LDS comes with a 95% bootstrap interval over queries, and its difference from the pipeline's default
+configuration with a paired interval (the same resampled queries for both).
 """
 
 import argparse
 import datetime
+import importlib
 import os
 import platform
 import sys
@@ -24,9 +27,15 @@ import quality_data
 
 from dataworth import CausalLMTask, CurvatureConfig, ProjectionConfig
 from pipelines import quality as Q
+from pipelines.settings import Settings
 from resources.tracking import MlflowTracker
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
+# Public tools run on the same model, data and queries (quality_<name>.py); their rows' params.
+ANCHORS = {
+    "kronfluence": {"method": "kronfluence", "init": "none", "rank": "full", "kind": "ekfac", "fisher": "sampled", "damping": 0.1, "normalize": "none"},
+    "trak": {"method": "trak", "init": "dense random", "rank": "512 total", "kind": "raw, whole model", "fisher": "empirical", "damping": 0.1, "normalize": "none"},
+}
 
 
 def grid(quick: bool) -> list[tuple[ProjectionConfig, list[tuple[CurvatureConfig, str]]]]:
@@ -55,13 +64,20 @@ def is_brittle_probe(rank: int | str, curvature: CurvatureConfig, normalize: str
     return rank in (BRITTLE_RANK[quick], "full") and curvature.damping == 0.1 and curvature.fisher == "empirical" and normalize == "none"
 
 
+def default_params() -> dict:
+    """The configuration the pipeline runs by default, as a results row's params."""
+    s = Settings()
+    return {"method": "dataworth", "init": s.projection.init, "rank": s.projection.rank_in, "kind": s.curvature.kind,
+            "fisher": s.curvature.fisher, "damping": s.curvature.damping, "normalize": s.scores.normalize}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 subsets, rank 8 only, damping 0.1 only")
     parser.add_argument("--subsets", type=int, default=None, help="m (default 24, quick 8)")
     parser.add_argument("--brittle-queries", type=int, default=5)
     parser.add_argument("--brittle-k", type=int, default=10)
-    parser.add_argument("--no-kronfluence", action="store_true")
+    parser.add_argument("--skip", nargs="*", default=[], choices=sorted(ANCHORS), help="public tools not to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mlflow-uri", default=f"sqlite:///{quality_data.CACHE / 'mlflow.db'}")
     parser.add_argument("--output", default=None, help="results file (default benchmarks/RESULTS.md; none with --quick)")
@@ -88,22 +104,25 @@ def main() -> None:
     random_inc = Q.removal_increase(Q.retrain_losses(model, task, bench.train, bench.queries, Q.removal_masks(n, randoms), retrain), full, brittle_q)
     log(f"random removal of {args.brittle_k}: mean query loss increase {random_inc.mean():.3f}")
 
-    def evaluate(scores: torch.Tensor, brittle: bool) -> dict[str, float]:
-        metrics = {"lds": Q.finite_mean(Q.lds_per_query(scores, masks, losses))}
+    def evaluate(scores: torch.Tensor, brittle: bool) -> tuple[dict[str, float], torch.Tensor]:
+        per_query = Q.lds_per_query(scores, masks, losses)
+        low, high = Q.mean_interval(per_query)
+        metrics = {"lds": Q.finite_mean(per_query), "lds_ci_low": low, "lds_ci_high": high}
         sums = Q.group_sums(scores, torch.tensor(bench.train_providers), len(bench.providers))
         metrics["provider_acc"] = Q.provider_accuracy(sums, torch.tensor(bench.query_providers))
         if brittle:
             top = [scores[:, q].topk(args.brittle_k).indices.tolist() for q in brittle_q]
             inc = Q.removal_increase(Q.retrain_losses(model, task, bench.train, bench.queries, Q.removal_masks(n, top), retrain), full, brittle_q)
             metrics |= {"topk_increase": float(inc.mean()), "random_increase": float(random_inc.mean()), "topk_beats_random": float((inc > random_inc).double().mean())}
-        return metrics
+        return metrics, per_query
 
     tracker = MlflowTracker(tracking_uri=args.mlflow_uri, experiment="dataworth-quality")
     common = {"subsets": retrain.subsets, "seeds": retrain.seeds, "train": n, "queries": n_q, "seed_agreement": round(agreement, 4)}
     rows = []
 
-    def record(name: str, params: dict, metrics: dict) -> None:
-        rows.append((params, metrics))
+    def record(name: str, params: dict, evaluated: tuple[dict, torch.Tensor]) -> None:
+        metrics, per_query = evaluated
+        rows.append((params, metrics, per_query))
         log(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         with tracker.run(name, params=params | common, tags={"benchmark": "quality", "quick": args.quick}) as run:
             run.log_metrics(metrics | {"seed_agreement": agreement})
@@ -119,15 +138,16 @@ def main() -> None:
             name = "-".join(str(v) for v in params.values())
             record(name, params, evaluate(scores, is_brittle_probe(rank, curvature, normalize, args.quick)))
 
-    if not args.no_kronfluence:
+    for name, params in ANCHORS.items():
+        if name in args.skip:
+            continue
         try:
-            from quality_kronfluence import scores as kron_scores
-
-            scores = kron_scores(model, task, bench.train, bench.queries, quality_data.CACHE / "kronfluence", quality_data.SEQ_LEN)
-            params = {"method": "kronfluence", "init": "none", "rank": 0, "kind": "ekfac", "fisher": "sampled", "damping": 0.1, "normalize": "none"}
-            record("kronfluence-ekfac", params, evaluate(scores, True))
+            anchor = importlib.import_module(f"quality_{name}")
+            scores = anchor.scores(model, task, bench.train, bench.queries, quality_data.CACHE / name, quality_data.SEQ_LEN)
         except ImportError as error:
-            log(f"kronfluence skipped: {error}")
+            log(f"{name} skipped (not installed, see benchmarks/README.md): {error}")
+            continue
+        record(name, params, evaluate(scores, True))
 
     output = args.output or (None if args.quick else str(Path(__file__).resolve().parent / "RESULTS.md"))
     if output:
@@ -147,23 +167,34 @@ def write_results(path: Path, rows, common, retrain, args, seconds: float) -> No
         f"Training set: {common['train']} sequences (30 per provider); queries: {common['queries']} held-out documents "
         "(2 per provider; first sequence, 16 prompt tokens, loss = summed NLL of the other tokens).\n\n"
         f"LDS: {retrain.subsets} subsets of half the training set x {retrain.seeds} seeds, fine-tuned from the base "
-        f"({retrain.epochs} epochs, AdamW lr {retrain.lr}, batch {retrain.batch_size}); Spearman per query, mean over queries. "
+        f"({retrain.epochs} epochs, AdamW lr {retrain.lr}, batch {retrain.batch_size}); Spearman per query, mean over queries, "
+        "with a 95% percentile bootstrap interval over queries (2000 resamples). `LDS - default` is the mean per-query "
+        "difference from the pipeline's default configuration (" + ", ".join(f"{k} {v}" for k, v in default_params().items() if k != "method")
+        + "), with a paired bootstrap interval: an interval that excludes 0 is a difference the queries support. "
         "Seed-to-seed agreement (Spearman of the two seeds' losses across subsets, mean over queries): "
         f"**{common['seed_agreement']:.3f}**.{noise}\n\n"
-        f"Brittleness (rank {BRITTLE_RANK[args.quick]} and full, damping 0.1, empirical Fisher, no normalisation, and Kronfluence only): "
+        f"Brittleness (rank {BRITTLE_RANK[args.quick]} and full, damping 0.1, empirical Fisher, no normalisation, and the public tools only): "
         f"for {args.brittle_queries} queries, remove the top-{args.brittle_k} training sequences by score and retrain (2 seeds); "
         f"`topk_inc` = mean query loss increase (nats), `rand_inc` = the same for {args.brittle_k} random sequences, "
         "`beats` = fraction of queries where top-k > random. "
         "Provider id: fraction of queries whose provider has the largest summed score."
     )
+    default = next((q for p, _, q in rows if p == default_params()), None)
     lines = [
         "## Attribution quality", "", setup, "",
-        "| method | init | rank | kind | fisher | damping | normalize | LDS | provider id | topk_inc | rand_inc | beats |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | init | rank | kind | fisher | damping | normalize | LDS [95% CI] | LDS - default [95% CI] | provider id | topk_inc | rand_inc | beats |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for p, m in rows:
+    for p, m, per_query in rows:
         b = [f"{m[k]:.2f}" if k in m else "" for k in ("topk_increase", "random_increase", "topk_beats_random")]
-        cells = [p[k] for k in ("method", "init", "rank", "kind", "fisher", "damping", "normalize")] + [f"{m['lds']:.3f}", f"{m['provider_acc']:.2f}", *b]
+        lds = f"{m['lds']:.3f} [{m['lds_ci_low']:.2f}, {m['lds_ci_high']:.2f}]"
+        if default is None or p == default_params():
+            versus = "default" if default is not None else ""
+        else:
+            diff = per_query - default
+            low, high = Q.mean_interval(diff)
+            versus = f"{Q.finite_mean(diff):+.3f} [{low:+.2f}, {high:+.2f}]"
+        cells = [p[k] for k in ("method", "init", "rank", "kind", "fisher", "damping", "normalize")] + [lds, versus, f"{m['provider_acc']:.2f}", *b]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     head, marker, tail = text.partition("## Attribution quality")

@@ -190,6 +190,17 @@ def finite_mean(values: torch.Tensor) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
+def mean_interval(values: torch.Tensor, level: float = 0.95, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of the finite `values` (one per query), resampling
+    them with replacement; (nan, nan) with fewer than two."""
+    values = values[torch.isfinite(values)].double()
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    picks = torch.randint(len(values), (samples, len(values)), generator=torch.Generator().manual_seed(seed))
+    low, high = torch.quantile(values[picks].mean(1), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(low), float(high)
+
+
 def held_out_split(doc_ids: Sequence[str], provider_ids: Sequence[str], per_provider: int, max_train: int, seed: int = 0) -> tuple[list[int], list[int]]:
     """(train rows, query rows) of a sequence table: `per_provider` random documents of each provider
     are held out (their first row becomes a provider-id query); at most `max_train` random rows of
@@ -213,14 +224,17 @@ def evaluate(
     retrain: RetrainConfig, *, normalize: str = "none", train_providers: torch.Tensor | None = None,
     provider_queries: Sequence = (), query_providers: torch.Tensor | None = None, progress=None,
 ) -> dict[str, float]:
-    """LDS (mean over queries), seed agreement and, given provider-labelled queries (with
-    train_providers (N,) and query_providers (Q',) int64), provider-id accuracy of one configuration."""
+    """LDS (mean over queries, with its 95% bootstrap interval over queries), seed agreement and, given
+    provider-labelled queries (with train_providers (N,) and query_providers (Q',) int64), provider-id
+    accuracy of one configuration."""
     masks = subset_masks(len(train), retrain.subsets, retrain.fraction, retrain.seed)
     losses = retrain_losses(model, task, train, queries, masks, retrain, progress)
     gradients = capture(model, task, train, [*queries, *provider_queries], projection, fishers=(curvature.fisher,))
     scores = score_matrix(gradients, curvature, normalize)
+    per_query = lds_per_query(scores[:, : len(queries)], masks, losses)
+    low, high = mean_interval(per_query)
     metrics = {
-        "lds": finite_mean(lds_per_query(scores[:, : len(queries)], masks, losses)),
+        "lds": finite_mean(per_query), "lds_ci_low": low, "lds_ci_high": high,
         "seed_agreement": finite_mean(seed_agreement(losses)) if retrain.seeds > 1 else float("nan"),
         "subsets": retrain.subsets, "seeds": retrain.seeds, "train_sequences": len(train), "queries": len(queries),
     }

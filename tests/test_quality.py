@@ -45,6 +45,19 @@ def test_lds_is_spearman_of_minus_subset_score_sums():
     assert agreement[0] == pytest.approx(spearmanr(losses[0, :, 0], losses[1, :, 0]).statistic)
 
 
+def test_mean_interval_is_the_percentile_bootstrap_of_the_mean():
+    values = torch.tensor([0.1, 0.5, float("nan"), 0.3, 0.9, -0.2])
+    low, high = quality.mean_interval(values, samples=4000, seed=3)
+    finite = values[torch.isfinite(values)].double()
+    picks = torch.randint(5, (4000, 5), generator=torch.Generator().manual_seed(3))  # the same resamples, by hand
+    means = np.sort(finite[picks].mean(1).numpy())
+    assert (low, high) == pytest.approx((np.quantile(means, 0.025), np.quantile(means, 0.975)), abs=1e-12)
+    assert low < float(finite.mean()) < high and quality.mean_interval(values, samples=4000, seed=3) == (low, high)
+    wide = quality.mean_interval(torch.tensor([-1.0, 1.0] * 4))
+    assert wide[1] - wide[0] > high - low  # more spread, wider interval
+    assert all(math.isnan(v) for v in quality.mean_interval(torch.tensor([0.4, float("nan")])))
+
+
 def test_provider_accuracy_on_a_constructed_case():
     scores = torch.tensor([[5.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 3.0, 0.0], [0.0, 0.0, -1.0]])  # (N=4, Q=3)
     sums = quality.group_sums(scores, torch.tensor([0, 0, 1, 2]), 3)  # (P=3, Q)
@@ -75,3 +88,4 @@ def test_tiny_end_to_end_lds_is_finite():
     )
     assert all(math.isfinite(metrics[k]) for k in ("lds", "seed_agreement", "provider_acc"))
     assert -1 <= metrics["lds"] <= 1 and metrics["subsets"] == 4
+    assert metrics["lds_ci_low"] <= metrics["lds"] <= metrics["lds_ci_high"]
