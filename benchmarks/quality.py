@@ -41,7 +41,7 @@ ANCHORS = {
 def grid(quick: bool) -> list[tuple[ProjectionConfig, list[tuple[CurvatureConfig, str]]]]:
     """(projection, [(curvature, normalize)]) to evaluate."""
     ranks = (8,) if quick else (4, 8, 16, 32)
-    dampings = (0.1,) if quick else (0.01, 0.1, 1.0)
+    dampings = (CurvatureConfig().damping,) if quick else (0.01, 0.1, 1.0)
     out = []
     for init in ("random", "pca"):
         for r in ranks:
@@ -60,8 +60,8 @@ BRITTLE_RANK = {True: 8, False: 16}  # quick -> the rank whose configurations ge
 
 
 def is_brittle_probe(rank: int | str, curvature: CurvatureConfig, normalize: str, quick: bool) -> bool:
-    """Brittleness retrains per configuration: only at one rank, damping 0.1, empirical Fisher, no normalisation."""
-    return rank in (BRITTLE_RANK[quick], "full") and curvature.damping == 0.1 and curvature.fisher == "empirical" and normalize == "none"
+    """Brittleness retrains per configuration: only at one rank, the default damping, empirical Fisher, no normalisation."""
+    return rank in (BRITTLE_RANK[quick], "full") and curvature.damping == CurvatureConfig().damping and curvature.fisher == "empirical" and normalize == "none"
 
 
 def default_params() -> dict:
@@ -173,7 +173,7 @@ def write_results(path: Path, rows, common, retrain, args, seconds: float) -> No
         + "), with a paired bootstrap interval: an interval that excludes 0 is a difference the queries support. "
         "Seed-to-seed agreement (Spearman of the two seeds' losses across subsets, mean over queries): "
         f"**{common['seed_agreement']:.3f}**.{noise}\n\n"
-        f"Brittleness (rank {BRITTLE_RANK[args.quick]} and full, damping 0.1, empirical Fisher, no normalisation, and the public tools only): "
+        f"Brittleness (rank {BRITTLE_RANK[args.quick]} and full, damping {CurvatureConfig().damping}, empirical Fisher, no normalisation, and the public tools only): "
         f"for {args.brittle_queries} queries, remove the top-{args.brittle_k} training sequences by score and retrain (2 seeds); "
         f"`topk_inc` = mean query loss increase (nats), `rand_inc` = the same for {args.brittle_k} random sequences, "
         "`beats` = fraction of queries where top-k > random. "

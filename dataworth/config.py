@@ -49,7 +49,7 @@ class CurvatureConfig:
 
     kind: str = "ekfac"  # "identity", "raw", "kfac" or "ekfac" (all in the projected space)
     fisher: str = "empirical"  # "empirical" (true labels) or "sampled" (labels drawn from the model)
-    damping: float = 0.1  # lambda, or alpha in lambda = alpha * mean eigenvalue when relative
+    damping: float = 0.01  # lambda, or alpha in lambda = alpha * mean eigenvalue when relative (benchmarks/RESULTS.md)
     damping_mode: str = "relative"  # "relative" (per layer, to its mean eigenvalue) or "absolute"
     per_layer_damping: dict[str, float] = field(default_factory=dict)  # glob -> damping override
 
@@ -63,7 +63,7 @@ class CurvatureConfig:
         for name, value in [("damping", self.damping), *self.per_layer_damping.items()]:
             if not value > 0:
                 raise ConfigError(
-                    f"damping for {name!r} is {value}; it must be > 0 (try 0.1 relative or 1e-3 absolute)"
+                    f"damping for {name!r} is {value}; it must be > 0 (try 0.01 relative or 1e-3 absolute)"
                 )
 
     def to_json(self) -> str:

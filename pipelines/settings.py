@@ -70,7 +70,7 @@ class Settings:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     shards: ShardSettings = field(default_factory=ShardSettings)
-    projection: ProjectionConfig = field(default_factory=lambda: ProjectionConfig(rank_in=32, rank_out=32, exclude=("lm_head",)))  # rank 32: +0.05 LDS over 16 (benchmarks/RESULTS.md)
+    projection: ProjectionConfig = field(default_factory=lambda: ProjectionConfig(rank_in=32, rank_out=32, exclude=("lm_head",)))  # rank 32: +0.07 LDS over 16 (benchmarks/RESULTS.md)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     capture_batch_size: int = 16
     queries: QuerySettings = field(default_factory=QuerySettings)

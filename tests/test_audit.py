@@ -65,7 +65,7 @@ def test_audit_prints_the_lineage_for_people(audited):
     for expected in [
         f"valuation {new}", f"Dagster run {new_run.run_id}", f"code version: {prov['code_version']}",
         f"model checkpoint: {prov['model_hash']} (embedded) at {model['path']}", f"trained in MLflow run {model['mlflow_run_id']}",
-        f"projection: {prov['projection_hash']}", '"rank_in": 4', "curvature: ekfac, fisher empirical, damping 0.1 (relative)",
+        f"projection: {prov['projection_hash']}", '"rank_in": 4', "curvature: ekfac, fisher empirical, damping 0.01 (relative)",
         "queries (24, ", "q00: 'Solve the linear equations", f"MLflow run {values['mlflow_run_id'][0]} (FINISHED), params:",
         f"  valuation_id = {new}", "  hessian = ekfac",
     ]:
@@ -82,7 +82,7 @@ def test_older_valuation_still_verifies_after_a_new_batch_json(audited):
     assert report["tables"]["projected_gradients"]["version"] < setup.delta.version("projected_gradients")  # time travel
     assert report["tables"]["projected_gradients"]["dagster_run_id"] == old_run.run_id
     assert report["model"]["checkpoint_hash"] == prov["model_hash"] and report["projection"]["hash"] == prov["projection_hash"]
-    assert report["curvature"] == {"kind": "ekfac", "fisher": "empirical", "damping": 0.1, "damping_mode": "relative", "per_layer_damping": {}}
+    assert report["curvature"] == {"kind": "ekfac", "fisher": "empirical", "damping": 0.01, "damping_mode": "relative", "per_layer_damping": {}}
     assert report["query_settings"]["queries_file"] == "data/embedded_queries.jsonl" and len(report["queries"]) == 24
     assert report["shards"] == prov["shards"] and report["unavailable"] == []
     assert report["mlflow"]["params"]["valuation_id"] == old and report["mlflow"]["tags"]["dagster_run_id"] == old_run.run_id

@@ -103,6 +103,7 @@ def test_dataworth_run_waits_for_a_live_run_and_takes_over_from_a_killed_one(tmp
             deadline = time.monotonic() + 300
             while not commits(setup.home, "projected_gradients") and first.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             instance = dg.DagsterInstance.get()
             (live,) = instance.get_runs()
             warnings = []
