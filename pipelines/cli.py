@@ -90,7 +90,7 @@ def print_summary() -> None:
         table = delta.read("provider_valuations", filter=f"valuation_id = '{vid}'").sort("total_value", descending=True)
         print(f"\nvaluation {vid} (MLflow run {table['mlflow_run_id'][0]}):")
         for p, total, share, lo, hi in table.select("provider_id", "total_value", "share", "ci_low", "ci_high").iter_rows():
-            print(f"  {p:<14} total {total:+.4g}  share {share:6.1%}  95% interval [{lo:+.3g}, {hi:+.3g}]")
+            print(f"  {p:<14} total {total:+.4g}  share of positive value {share:6.1%}  95% interval [{lo:+.3g}, {hi:+.3g}]")
     print(
         f"\nState folder: {dataworth_home()}\n"
         f"Dagster UI:  cd {PROJECT_ROOT} && .venv/bin/dataworth ui          -> http://127.0.0.1:3000\n"
