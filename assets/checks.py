@@ -8,21 +8,28 @@ stops every downstream asset of the run.
 import dagster as dg
 import polars as pl
 
-from pipelines.schemas import validate
 from resources.delta import DeltaStore
+from resources.schemas import validate
 
 
 def schema_spec(table: str, asset: str | None = None) -> dg.AssetCheckSpec:
     """The check of `table`, attached to `asset` (the asset of the same name by default)."""
-    return dg.AssetCheckSpec(f"{table}_schema", asset=asset or table, blocking=True, description=f"pandera schema of the {table} Delta table")
+    return dg.AssetCheckSpec(
+        f"{table}_schema", asset=asset or table, blocking=True, description=f"pandera schema of the {table} Delta table"
+    )
 
 
-def schema_result(delta: DeltaStore, table: str, filter: str | None = None) -> dg.AssetCheckResult:
-    """Re-read what was written (rows matching `filter`) and validate it against the table's schema."""
-    frame: pl.DataFrame = delta.read(table, filter=filter)
+def schema_result(
+    delta: DeltaStore, table: str, where: dict[str, str | list[str]] | None = None
+) -> dg.AssetCheckResult:
+    """Re-read what was written (rows matching `where`) and validate it against the table's schema."""
+    frame: pl.DataFrame = delta.read(table, where=where)
     failures = validate(table, frame)
     return dg.AssetCheckResult(
         check_name=f"{table}_schema",
         passed=not failures,
-        metadata={"rows_checked": frame.height, "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in failures) or "none")},
+        metadata={
+            "rows_checked": frame.height,
+            "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in failures) or "none"),
+        },
     )

@@ -1,38 +1,33 @@
 """gradient_projection, projected_gradients (the GPU step, per shard) and hessian_factors."""
 
+import resource
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import polars as pl
 
 from assets.checks import schema_result, schema_spec
-from assets.common import (
-    SINGLE_RUN,
-    commit_metadata,
-    frame_to_tensors,
-    gradients_to_binary,
-    peak_memory_mb,
-    shard_partitions,
-    sql_in,
-    tensors_to_frame,
-    upstream_versions,
-)
-from dataworth import CausalLMTask, Curvature, CurvatureStatistics, LoGra, NonFiniteError
-from pipelines.artifacts import load_model, load_projection, projections_dir, require_single
-from pipelines.settings import Settings
+from assets.metadata import commit_metadata, upstream_versions
+from assets.partitions import SINGLE_RUN, shard_partitions
+from dataworth import CausalLMTask, LoGra
+from domain.artifacts import load_model, load_projection, projections_dir, require_single
+from domain.gradients import PCA_SEQUENCES, capture_shard, examples_of, fit_curvature
+from domain.settings import Settings
+from resources.codecs import tensors_to_frame
 from resources.delta import DeltaStore
 
-PCA_SEQUENCES = 256  # sequences of the statistics pass that fits PCA projections
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux ru_maxrss is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def examples_of(sequences: pl.DataFrame) -> list[list[int]]:
-    return [list(ids) for ids in sequences["input_ids"].to_list()]
+def build(settings: Settings) -> list[dg.AssetsDefinition]:
+    """The gradients group's assets, their code versions taken from `settings`."""
 
-
-def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoint: dg.AssetsDefinition) -> list[dg.AssetsDefinition]:
     @dg.asset(
-        deps=[model_checkpoint],
+        deps=["model_checkpoint"],
         code_version=settings.version("projection"),
         check_specs=[schema_spec("gradient_projection")],
         group_name="gradients",
@@ -45,10 +40,14 @@ def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoin
         pca_examples = None
         if settings.projection.init == "pca":  # statistics pass over the first sequences, version recorded
             upstream |= upstream_versions(delta, "token_shards")
-            pca_examples = examples_of(delta.read("token_shards", columns=["shard_id", "seq_index", "input_ids"]).sort("shard_id", "seq_index").head(PCA_SEQUENCES))
+            first = delta.read("token_shards", columns=["shard_id", "seq_index", "input_ids"]).sort(
+                "shard_id", "seq_index"
+            )
+            pca_examples = examples_of(first.head(PCA_SEQUENCES))
         task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
-        logra = LoGra(model, task, settings.projection, pca_examples=pca_examples, batch_size=settings.capture_batch_size)
-        projection = logra.projection
+        projection = LoGra(
+            model, task, settings.projection, pca_examples=pca_examples, batch_size=settings.capture_batch_size
+        ).projection
         digest = projection.content_hash()
         path = projections_dir() / digest[:16]
         if not path.exists():
@@ -57,20 +56,26 @@ def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoin
             staging.rename(path)
         row = pl.DataFrame(
             {
-                "projection_hash": [digest], "path": [str(path)], "config": [settings.projection.to_json()],
-                "dim": [projection.layout.dim], "layers": [len(projection.layers)],
-                "model_hash": [model_row["checkpoint_hash"]], "created_at": [datetime.now(timezone.utc)],
+                "projection_hash": [digest],
+                "path": [str(path)],
+                "config": [settings.projection.to_json()],
+                "dim": [projection.layout.dim],
+                "layers": [len(projection.layers)],
+                "model_hash": [model_row["checkpoint_hash"]],
+                "created_at": [datetime.now(UTC)],
             }
         )
-        version = delta.write(  # one row per projection: re-materializing the same one replaces its row
-            "gradient_projection", row, mode="overwrite", replace_where={"projection_hash": digest},
-            metadata=commit_metadata(context, upstream),
+        # one row per projection: re-materializing the same one replaces its row
+        version = delta.replace(
+            "gradient_projection", row, {"projection_hash": digest}, metadata=commit_metadata(context, upstream)
         )
         layers = "\n".join(f"| {b.name} | {b.k_in} | {b.k_out} |" for b in projection.layout.blocks)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(digest[:16]),
             metadata={
-                "projection_hash": digest, "dim": projection.layout.dim, "delta_version": version,
+                "projection_hash": digest,
+                "dim": projection.layout.dim,
+                "delta_version": version,
                 "layers": dg.MetadataValue.md("| layer | k_in | k_out |\n|---|---|---|\n" + layers),
             },
             check_results=[schema_result(delta, "gradient_projection")],
@@ -79,9 +84,16 @@ def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoin
     @dg.asset(
         partitions_def=shard_partitions,
         backfill_policy=SINGLE_RUN,
-        deps=[dg.AssetDep(token_shards, partition_mapping=dg.IdentityPartitionMapping()), model_checkpoint, gradient_projection],
+        deps=[
+            dg.AssetDep("token_shards", partition_mapping=dg.IdentityPartitionMapping()),
+            "model_checkpoint",
+            "gradient_projection",
+        ],
         code_version=settings.version("curvature.fisher"),
-        check_specs=[schema_spec("projected_gradients"), schema_spec("projected_gradients_statistics", asset="projected_gradients")],
+        check_specs=[
+            schema_spec("projected_gradients"),
+            schema_spec("projected_gradients_statistics", asset="projected_gradients"),
+        ],
         group_name="gradients",
         kinds={"pytorch", "delta"},
     )
@@ -93,45 +105,40 @@ def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoin
         upstream = upstream_versions(delta, "token_shards", "model_checkpoint", "gradient_projection")
         task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=settings.model.seed)
         logra = LoGra(model, task, projection=projection, batch_size=settings.capture_batch_size)
-        fisher = settings.curvature.fisher
         total_tokens, total_rows, started = 0, 0, time.perf_counter()
         for shard in context.partition_keys:
-            seqs = delta.read("token_shards", filter=sql_in("shard_id", [shard])).sort("seq_index")
-            examples = examples_of(seqs)
-            stats = logra.new_statistics()
+            seqs = delta.read("token_shards", where={"shard_id": shard}).sort("seq_index")
 
             def progress(done: int, total: int, shard: str = shard) -> None:
                 if done == total or done % (20 * settings.capture_batch_size) == 0:
                     context.log.info(f"{shard}: {done}/{total} sequences")
 
-            try:
-                gradients = logra.capture(examples, statistics=stats if fisher == "empirical" else None, progress=progress)
-            except NonFiniteError as error:
-                raise NonFiniteError(f"shard {shard} with model {hashes['model_hash'][:12]}: {error}") from None
-            if fisher == "sampled":
-                stats = logra.statistics(examples, fisher="sampled")
-            rows = seqs.select("shard_id", "seq_id", "doc_id", "provider_id", "n_tokens").with_columns(
-                gradient=gradients_to_binary(gradients), **{k: pl.lit(v) for k, v in hashes.items()}
-            )
+            rows, stats = capture_shard(logra, seqs, settings.curvature.fisher, hashes, progress)
             meta = commit_metadata(context, upstream)
-            delta.write(  # statistics first: a shard counts as done (see stale_shards) once its gradients land
-                "projected_gradients_statistics", tensors_to_frame(stats.to_tensors(), shard_id=shard, fisher=fisher, **hashes),
-                mode="overwrite", partition_by=["shard_id"], replace_where={"shard_id": shard}, metadata=meta,
-            )
-            delta.write("projected_gradients", rows, mode="overwrite", partition_by=["shard_id"], replace_where={"shard_id": shard}, metadata=meta)
+            for table, frame in [("projected_gradients_statistics", stats), ("projected_gradients", rows)]:
+                # statistics first: a shard counts as done (see stale_shards) once its gradients land
+                delta.replace_shard(table, shard, frame, metadata=meta)
             total_tokens += int(seqs["n_tokens"].sum())
             total_rows += seqs.height
         seconds = time.perf_counter() - started
+        shards = list(context.partition_keys)
         return dg.MaterializeResult(
             metadata={
-                "sequences": total_rows, "tokens": total_tokens, "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
-                "peak_memory_mb": round(peak_memory_mb(), 1), "dim": projection.layout.dim, **hashes,
+                "sequences": total_rows,
+                "tokens": total_tokens,
+                "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
+                "peak_memory_mb": round(peak_memory_mb(), 1),
+                "dim": projection.layout.dim,
+                **hashes,
             },
-            check_results=[schema_result(delta, t, sql_in("shard_id", list(context.partition_keys))) for t in ("projected_gradients", "projected_gradients_statistics")],
+            check_results=[
+                schema_result(delta, t, {"shard_id": shards})
+                for t in ("projected_gradients", "projected_gradients_statistics")
+            ],
         )
 
     @dg.asset(
-        deps=[projected_gradients],
+        deps=["projected_gradients"],
         code_version=settings.version("curvature.kind", "curvature.fisher"),
         check_specs=[schema_spec("hessian_factors")],
         group_name="gradients",
@@ -142,28 +149,32 @@ def build(settings: Settings, token_shards: dg.AssetsDefinition, model_checkpoin
         shards = context.instance.get_dynamic_partitions(shard_partitions.name)
         upstream = upstream_versions(delta, "projected_gradients_statistics", "gradient_projection")
         projection, projection_row = load_projection(delta)
-        partials = delta.read("projected_gradients_statistics", filter=sql_in("shard_id", shards))
+        partials = delta.read("projected_gradients_statistics", where={"shard_id": shards})
         missing = sorted(set(shards) - set(partials["shard_id"].unique().to_list()))
         if missing:
-            raise dg.Failure(f"{len(missing)} shard(s) have no gradient statistics yet ({missing[:5]}...); materialize projected_gradients for them first")
+            raise dg.Failure(
+                f"{len(missing)} shard(s) have no gradient statistics yet ({missing[:5]}...); "
+                "materialize projected_gradients for them first"
+            )
         require_single(partials, "projection_hash", projection_row["projection_hash"], "gradient statistics")
         require_single(partials, "fisher", settings.curvature.fisher, "gradient statistics")
-        merged = None
-        for (shard,), part in partials.group_by("shard_id", maintain_order=True):
-            try:
-                stats = CurvatureStatistics.from_tensors(projection.layout, frame_to_tensors(part))
-            except NonFiniteError as error:
-                raise NonFiniteError(f"projected_gradients_statistics of shard {shard}: {error} (re-materialize projected_gradients for it)") from None
-            merged = stats if merged is None else merged.merge(stats)
-        curvature = Curvature.fit(merged, settings.curvature.kind)
+        curvature, merged = fit_curvature(partials, projection.layout, settings.curvature.kind)
         frame = tensors_to_frame(  # identity curvature has no factors: zero rows
             curvature.to_tensors(),
-            kind=curvature.kind, fisher=settings.curvature.fisher, projection_hash=projection_row["projection_hash"],
+            kind=curvature.kind,
+            fisher=settings.curvature.fisher,
+            projection_hash=projection_row["projection_hash"],
         ).with_columns(examples=pl.lit(merged.examples, dtype=pl.Int64), tokens=pl.lit(merged.tokens, dtype=pl.Int64))
         version = delta.write("hessian_factors", frame, mode="overwrite", metadata=commit_metadata(context, upstream))
         return dg.MaterializeResult(
-            metadata={"kind": curvature.kind, "fisher": settings.curvature.fisher, "shards": len(shards),
-                      "examples": merged.examples, "tokens": merged.tokens, "delta_version": version},
+            metadata={
+                "kind": curvature.kind,
+                "fisher": settings.curvature.fisher,
+                "shards": len(shards),
+                "examples": merged.examples,
+                "tokens": merged.tokens,
+                "delta_version": version,
+            },
             check_results=[schema_result(delta, "hessian_factors")],
         )
 

@@ -9,13 +9,13 @@ the completion is the measured loss); provider-id queries: the first sequence of
 import math
 
 import dagster as dg
-import polars as pl
 import torch
 
 from dataworth import CausalLMTask
-from pipelines import quality
-from pipelines.artifacts import load_model
-from pipelines.settings import Settings
+from domain import quality
+from domain.artifacts import load_model
+from domain.queries import encode_queries
+from domain.settings import Settings
 from resources.delta import DeltaStore
 from resources.tracking import MlflowTracker
 
@@ -23,33 +23,29 @@ HELD_OUT_PER_PROVIDER = 2  # documents per provider used as provider-id queries
 DEFAULT_RETRAIN = quality.RetrainConfig(subsets=8, seeds=2)  # 16 fine-tunings of <= max_train sequences
 
 
-def query_examples(queries: pl.DataFrame, tokenizer) -> list[tuple[list[int], int]]:
-    """(prompt ids + completion ids, prompt length) per query, tokenized as valuation_queries does."""
-    out = []
-    for prompt, completion in queries.select("prompt", "completion").iter_rows():
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.bos_token_id]
-        out.append((prompt_ids + tokenizer.encode(completion, add_special_tokens=False), len(prompt_ids)))
-    return out
-
-
 def build(
-    settings: Settings, model_checkpoint, token_shards, valuation_queries, *,
-    retrain: quality.RetrainConfig = DEFAULT_RETRAIN, max_train: int = 200,
+    settings: Settings, *, retrain: quality.RetrainConfig = DEFAULT_RETRAIN, max_train: int = 200
 ) -> dg.AssetsDefinition:
+    """valuation_quality, its code version taken from `settings`."""
+
     @dg.asset(
-        deps=[model_checkpoint, token_shards, valuation_queries],
+        deps=["model_checkpoint", "token_shards", "valuation_queries"],
         code_version=settings.version("projection", "curvature", "scores.normalize"),
         group_name="quality",
         kinds={"pytorch", "mlflow"},
     )
-    def valuation_quality(context: dg.AssetExecutionContext, delta: DeltaStore, mlflow: MlflowTracker) -> dg.MaterializeResult:
+    def valuation_quality(
+        context: dg.AssetExecutionContext, delta: DeltaStore, mlflow: MlflowTracker
+    ) -> dg.MaterializeResult:
         """LDS, seed-to-seed agreement and provider-id accuracy of the current projection and curvature."""
         model, tokenizer, model_row = load_model(delta)
         seqs = delta.read("token_shards", columns=["seq_id", "doc_id", "provider_id", "input_ids"]).sort("seq_id")
         queries = delta.read("valuation_queries", columns=["query_id", "prompt", "completion"]).sort("query_id")
         if seqs.height == 0 or queries.height == 0:
             raise dg.Failure("valuation_quality needs token_shards and valuation_queries; materialize them first")
-        train_rows, held_rows = quality.held_out_split(seqs["doc_id"].to_list(), seqs["provider_id"].to_list(), HELD_OUT_PER_PROVIDER, max_train, retrain.seed)
+        train_rows, held_rows = quality.held_out_split(
+            seqs["doc_id"].to_list(), seqs["provider_id"].to_list(), HELD_OUT_PER_PROVIDER, max_train, retrain.seed
+        )
         providers = sorted(seqs["provider_id"].unique().to_list())
         code = {p: i for i, p in enumerate(providers)}
         ids = [list(x) for x in seqs["input_ids"].to_list()]
@@ -60,21 +56,44 @@ def build(
             context.log.info(f"subset {done}/{total} fine-tuned ({retrain.seeds} seeds)")
 
         metrics = quality.evaluate(
-            model, task, [ids[i] for i in train_rows], query_examples(queries, tokenizer), settings.projection, settings.curvature,
-            retrain, normalize=settings.scores.normalize, train_providers=torch.tensor([code[provider_ids[i]] for i in train_rows]),
-            provider_queries=[ids[i] for i in held_rows], query_providers=torch.tensor([code[provider_ids[i]] for i in held_rows]),
+            model,
+            task,
+            [ids[i] for i in train_rows],
+            encode_queries(tokenizer, queries["prompt"].to_list(), queries["completion"].to_list()),
+            settings.projection,
+            settings.curvature,
+            retrain,
+            normalize=settings.scores.normalize,
+            train_providers=torch.tensor([code[provider_ids[i]] for i in train_rows]),
+            provider_queries=[ids[i] for i in held_rows],
+            query_providers=torch.tensor([code[provider_ids[i]] for i in held_rows]),
             progress=progress,
         )
         if not metrics["seed_agreement"] > 0.3:
-            context.log.warning(f"seed agreement {metrics['seed_agreement']:.3f}: the LDS ground truth is mostly retraining noise")
+            context.log.warning(
+                f"seed agreement {metrics['seed_agreement']:.3f}: the LDS ground truth is mostly retraining noise"
+            )
         params = {
-            "model_hash": model_row["checkpoint_hash"], "projection": settings.projection.to_json(),
-            "curvature": settings.curvature.to_json(), "normalize": settings.scores.normalize,
-            "subsets": retrain.subsets, "seeds": retrain.seeds, "epochs": retrain.epochs, "lr": retrain.lr,
+            "model_hash": model_row["checkpoint_hash"],
+            "projection": settings.projection.to_json(),
+            "curvature": settings.curvature.to_json(),
+            "normalize": settings.scores.normalize,
+            "subsets": retrain.subsets,
+            "seeds": retrain.seeds,
+            "epochs": retrain.epochs,
+            "lr": retrain.lr,
         }
         with mlflow.run("valuation-quality", params=params, tags={"dagster_run_id": context.run_id}) as run:
-            run.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})  # nan (seed agreement of one seed) left out
+            run.log_metrics(
+                {k: v for k, v in metrics.items() if math.isfinite(v)}
+            )  # nan (seed agreement of one seed) left out
             run_id = run.run_id
-        return dg.MaterializeResult(metadata={**{k: float(v) for k, v in metrics.items()}, "provider_queries": len(held_rows), "mlflow_run_id": run_id})
+        return dg.MaterializeResult(
+            metadata={
+                **{k: float(v) for k, v in metrics.items()},
+                "provider_queries": len(held_rows),
+                "mlflow_run_id": run_id,
+            }
+        )
 
     return valuation_quality

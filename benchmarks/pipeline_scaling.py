@@ -30,7 +30,7 @@ seed_embedded_corpus = false
 
 def subsample_corpus(landing: Path, fraction: float) -> int:
     """Copy the first `fraction` of each embedded provider's documents into `landing`; returns documents."""
-    from pipelines.batches import EMBEDDED_CORPUS
+    from domain.staging import EMBEDDED_CORPUS
 
     total = 0
     for path in sorted(EMBEDDED_CORPUS.glob("*.jsonl")):
@@ -49,9 +49,9 @@ def run_once(fraction: float, rank: int, steps: int) -> dict:
         os.environ["DATAWORTH_SETTINGS"] = str(settings_file)
         import dagster as dg
 
-        from pipelines.batches import plan_landing
+        from domain.staging import plan_landing
         from pipelines.definitions import build_definitions
-        from pipelines.settings import Settings
+        from domain.settings import Settings
         from resources.delta import DeltaStore
 
         landing = Path(home) / "landing"

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_data
 
 from dataworth import CausalLMTask, CurvatureConfig, ProjectionConfig
-from pipelines import quality as Q
-from pipelines.settings import Settings
+from domain import quality as Q
+from domain.settings import Settings
 from resources.tracking import MlflowTracker
 
 KINDS = ("identity", "raw", "kfac", "ekfac")

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import polars as pl
 
-from pipelines.lm import (
+from domain.lm import (
     TinyGPT2Config,
     load_checkpoint,
     save_checkpoint,
     train_tiny_gpt2,
     train_tokenizer,
 )
-from pipelines.shards import tokenize_corpus
+from domain.sequences import tokenize_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "embedded_corpus"

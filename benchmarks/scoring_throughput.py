@@ -17,7 +17,7 @@ import time
 import polars as pl
 import torch
 
-from assets.common import binary_to_gradients, gradients_to_binary
+from resources.codecs import binary_to_gradients, gradients_to_binary
 from dataworth import Curvature, CurvatureConfig, CurvatureStatistics, InfluenceScorer
 from dataworth.projection import GradientLayout
 from resources.delta import DeltaStore
@@ -41,7 +41,7 @@ def make_table(store: DeltaStore, n: int, dim: int, shards: int) -> None:
 
 def read_blocks(store: DeltaStore, shards: int):
     for s in range(shards):
-        part = store.read("grads", columns=["gradient"], filter=f"shard_id = 's{s:03d}'")
+        part = store.read("grads", columns=["gradient"], where={"shard_id": f"s{s:03d}"})
         yield binary_to_gradients(part["gradient"])
 
 

@@ -79,13 +79,14 @@ def main():
     torch.manual_seed(0)
     model, task = TinyLM(), NextToken()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(60):
+    steps = 60
+    for _ in range(steps):
         batch = task.collate([train[int(i)] for i in torch.randint(0, len(train), (32,), generator=g)])
         loss = task.loss(model, batch) / (32 * (LENGTH - 1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    print(f"trained {step + 1} steps, final loss {loss.item():.3f}")
+    print(f"trained {steps} steps, final loss {loss.item():.3f}")
 
     queries = {
         "counting (held out)": sequence(1, g),

@@ -9,9 +9,8 @@ import warnings
 import dagster as dg
 
 from assets import corpus, gradients, quality, valuation
-from assets.common import shard_partitions
-from pipelines.revaluation import build_automation
-from pipelines.settings import Settings
+from domain.settings import Settings
+from pipelines.automation import build_automation
 from resources.delta import DeltaStore
 from resources.tracking import MlflowTracker
 
@@ -21,16 +20,12 @@ EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": 2, "start_meth
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    """Assets (valuation_quality on demand only), the valuation job, its sensor and schedule."""
     settings = settings or Settings.load()
-    training_corpus, model_checkpoint, token_shards = corpus.build(settings)
-    gradient_projection, projected_gradients, hessian_factors = gradients.build(settings, token_shards, model_checkpoint)
-    valuation_assets = valuation.build(settings, model_checkpoint, gradient_projection, projected_gradients, hessian_factors)
-    assets = [training_corpus, model_checkpoint, token_shards, gradient_projection, projected_gradients, hessian_factors, *valuation_assets]
+    assets = [*corpus.build(settings), *gradients.build(settings), *valuation.build(settings)]
     jobs, sensors, schedules = build_automation(settings, assets)
-    valuation_queries = valuation_assets[0]
-    quality_asset = quality.build(settings, model_checkpoint, token_shards, valuation_queries)  # on demand only
     return dg.Definitions(
-        assets=[*assets, quality_asset],
+        assets=[*assets, quality.build(settings)],
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,
@@ -45,6 +40,3 @@ defs = build_definitions()
 def valuation_job() -> dg.JobDefinition:
     """The whole graph as one job, for `dagster.reconstructable` (multiprocess runs outside the UI)."""
     return defs.resolve_job_def("valuation")
-
-
-__all__ = ["build_definitions", "defs", "shard_partitions", "valuation_job"]

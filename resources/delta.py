@@ -24,6 +24,7 @@ import random
 import re
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +35,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchEr
 from deltalake.exceptions import TableNotFoundError as _DeltaTableNotFound
 from pydantic import Field
 
-from pipelines.home import delta_root, resolve_inside
+from resources.state import delta_root, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,17 @@ def run_metadata(run_id: str, code_version: str, upstream_versions: dict[str, in
     }
 
 
+def _matches(where: Mapping[str, str | Sequence[str]]) -> pl.Expr:
+    """Rows whose every column equals its value (a string) or is one of its values (a sequence)."""
+    conditions = []
+    for column, value in where.items():
+        if isinstance(value, str):
+            conditions.append(pl.col(column) == value)
+        else:
+            conditions.append(pl.col(column).is_in(list(value)))
+    return pl.all_horizontal(conditions)
+
+
 def _sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -206,23 +218,18 @@ class DeltaStore(dg.ConfigurableResource):
         name: str,
         version: int | None = None,
         columns: list[str] | None = None,
-        filter: str | None = None,
+        where: Mapping[str, str | Sequence[str]] | None = None,
     ) -> pl.DataFrame:
         """Rows of table ``name`` at ``version`` (latest when None).
 
-        ``columns`` selects columns; ``filter`` is a SQL boolean expression over the
-        columns (``"shard_id = 's-0003' AND n_tokens > 2"``), pushed down to the scan.
+        ``columns`` selects columns; ``where`` keeps the rows whose every named column equals the
+        given string, or is one of the given strings (``{"shard_id": shards, "kind": "top_document"}``),
+        pushed down to the scan. Values are data, never parsed as SQL.
         """
         table = self._open(name, version)
         frame = pl.scan_delta(table)
-        if filter:
-            try:
-                predicate = pl.sql_expr(filter)
-            except pl.exceptions.PolarsError as error:
-                raise ValueError(
-                    f"filter {filter!r} on Delta table {name!r} is not a SQL expression: {error}"
-                ) from None
-            frame = frame.filter(predicate)
+        if where:
+            frame = frame.filter(_matches(where))
         if columns is not None:
             frame = frame.select(columns)
         try:
@@ -292,6 +299,21 @@ class DeltaStore(dg.ConfigurableResource):
                     f"the frame does not fit Delta table {name!r} at {path}: {error}. Frame schema: "
                     f"{dict(df.schema)}. Fix the writer, or overwrite the whole table deliberately."
                 ) from error
+
+    def replace(self, name: str, df: pl.DataFrame, where: dict[str, str], *, metadata: dict[str, str]) -> int:
+        """Atomically replace the rows matching ``where`` (every row of ``df`` must match it) by ``df``."""
+        return self.write(name, df, mode="overwrite", replace_where=where, metadata=metadata)
+
+    def replace_shard(self, name: str, shard_id: str, df: pl.DataFrame, *, metadata: dict[str, str]) -> int:
+        """Atomically replace shard ``shard_id`` of a table partitioned by ``shard_id`` (see ``write``)."""
+        return self.write(
+            name,
+            df,
+            mode="overwrite",
+            partition_by=["shard_id"],
+            replace_where={"shard_id": shard_id},
+            metadata=metadata,
+        )
 
     def commit_metadata(self, name: str, version: int) -> dict[str, str]:
         """The caller's commit metadata of ``version`` of table ``name``, prefix removed."""

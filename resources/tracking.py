@@ -23,7 +23,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from pipelines.home import mlflow_dir, resolve_inside
+from resources.state import mlflow_dir, resolve_inside
 
 SQLITE_PREFIX = "sqlite:///"
 MAX_PARAMS_PER_BATCH = 100  # mlflow's log_batch limits

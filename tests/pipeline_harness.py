@@ -10,10 +10,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipelines.batches import EMBEDDED_CORPUS, plan_landing
+from domain.settings import Settings
+from domain.staging import EMBEDDED_CORPUS, stage_landing
+from pipelines.automation import RANGE_END, RANGE_START, stale_work
 from pipelines.definitions import build_definitions
-from pipelines.revaluation import RANGE_END, RANGE_START, stale_work
-from pipelines.settings import Settings
 from resources.delta import DeltaStore
 
 TINY_SETTINGS = """
@@ -74,9 +74,7 @@ class TinySetup:
 
     def stage(self) -> list[str]:
         """Plan the landing folder and register new shards; returns the new shard ids."""
-        plan = plan_landing(self.landing, self.settings.corpus.docs_per_shard)
-        known = set(self.instance.get_dynamic_partitions("shards"))
-        new = [s for s in plan.shard_ids if s not in known]
+        new = stage_landing(self.settings, set(self.instance.get_dynamic_partitions("shards"))).new_shards
         self.instance.add_dynamic_partitions("shards", new)
         return new
 
@@ -87,11 +85,17 @@ class TinySetup:
         results = []
         for request in stale_work(self.instance, self.delta, versions):
             job = defs.resolve_job_def("valuation")
-            results.append(job.execute_in_process(instance=self.instance, tags=request.tags, asset_selection=request.asset_selection))
+            results.append(
+                job.execute_in_process(
+                    instance=self.instance, tags=request.tags, asset_selection=request.asset_selection
+                )
+            )
         return results
 
 
-def make_tiny_setup(tmp_path: Path, monkeypatch, settings_text: str = TINY_SETTINGS, docs_per_provider: int = 4) -> TinySetup:
+def make_tiny_setup(
+    tmp_path: Path, monkeypatch, settings_text: str = TINY_SETTINGS, docs_per_provider: int = 4
+) -> TinySetup:
     home = tmp_path / "home"
     monkeypatch.setenv("DATAWORTH_HOME", str(home))
     settings_file = tmp_path / "settings.toml"

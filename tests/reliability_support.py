@@ -9,10 +9,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from domain.settings import Settings
 from pipelines.definitions import build_definitions
-from pipelines.schemas import SCHEMAS
-from pipelines.settings import Settings
 from resources.delta import DeltaStore
+from resources.schemas import SCHEMAS
 from tests.pipeline_harness import RANGE_END, RANGE_START, TinySetup, landing_records, make_tiny_setup, write_jsonl
 
 PARTITIONED = {"training_corpus", "token_shards", "projected_gradients"}
@@ -38,7 +38,9 @@ def changed(settings: Settings, **sections: dict) -> Settings:
     return Settings.from_dict(data)
 
 
-def run(setup: TinySetup, *assets: str, settings: Settings | None = None, shards: list[str] | None = None) -> dg.ExecuteInProcessResult:
+def run(
+    setup: TinySetup, *assets: str, settings: Settings | None = None, shards: list[str] | None = None
+) -> dg.ExecuteInProcessResult:
     """Materialize `assets` (over `shards`, default all, for partitioned ones) in process; never raises."""
     job = build_definitions(settings or setup.settings).resolve_job_def("valuation")
     tags = {}

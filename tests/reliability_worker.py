@@ -10,8 +10,8 @@ import sys
 
 import dagster as dg
 
+from pipelines.automation import RANGE_END, RANGE_START
 from pipelines.definitions import valuation_job
-from pipelines.revaluation import RANGE_END, RANGE_START
 
 
 def main(argv: list[str]) -> int:
@@ -19,8 +19,10 @@ def main(argv: list[str]) -> int:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("shards", shards)
     result = valuation_job().execute_in_process(
-        instance=instance, asset_selection=[dg.AssetKey(a) for a in assets.split(",")],
-        tags={RANGE_START: first, RANGE_END: last}, raise_on_error=False,
+        instance=instance,
+        asset_selection=[dg.AssetKey(a) for a in assets.split(",")],
+        tags={RANGE_START: first, RANGE_END: last},
+        raise_on_error=False,
     )
     return 0 if result.success else 1
 

@@ -42,7 +42,7 @@ def audit(*args: str) -> subprocess.CompletedProcess:
 
 
 def provenance(delta: DeltaStore, vid: str) -> dict:
-    return json.loads(delta.read("valuation_provenance", filter=f"valuation_id = '{vid}'")["provenance"][0])
+    return json.loads(delta.read("valuation_provenance", where={"valuation_id": vid})["provenance"][0])
 
 
 def test_every_valuation_row_has_an_id_and_history_is_kept(audited):
@@ -59,15 +59,23 @@ def test_audit_prints_the_lineage_for_people(audited):
     assert result.returncode == 0, result.stderr
     text, prov = result.stdout, provenance(setup.delta, new)
     model = setup.delta.read("model_checkpoint").row(0, named=True)
-    values = setup.delta.read("provider_valuations", filter=f"valuation_id = '{new}'")
+    values = setup.delta.read("provider_valuations", where={"valuation_id": new})
     for table, version in prov["tables"].items():
         assert f"{table:<32} v{version}  run " in text
     for expected in [
-        f"valuation {new}", f"Dagster run {new_run.run_id}", f"code version: {prov['code_version']}",
-        f"model checkpoint: {prov['model_hash']} (embedded) at {model['path']}", f"trained in MLflow run {model['mlflow_run_id']}",
-        f"projection: {prov['projection_hash']}", '"rank_in": 4', "curvature: ekfac, fisher empirical, damping 0.01 (relative)",
-        "queries (24, ", "q00: 'Solve the linear equations", f"MLflow run {values['mlflow_run_id'][0]} (FINISHED), params:",
-        f"  valuation_id = {new}", "  hessian = ekfac",
+        f"valuation {new}",
+        f"Dagster run {new_run.run_id}",
+        f"code version: {prov['code_version']}",
+        f"model checkpoint: {prov['model_hash']} (embedded) at {model['path']}",
+        f"trained in MLflow run {model['mlflow_run_id']}",
+        f"projection: {prov['projection_hash']}",
+        '"rank_in": 4',
+        "curvature: ekfac, fisher empirical, damping 0.01 (relative)",
+        "queries (24, ",
+        "q00: 'Solve the linear equations",
+        f"MLflow run {values['mlflow_run_id'][0]} (FINISHED), params:",
+        f"  valuation_id = {new}",
+        "  hessian = ekfac",
     ]:
         assert expected in text, expected
 
@@ -79,13 +87,27 @@ def test_older_valuation_still_verifies_after_a_new_batch_json(audited):
     report, prov = json.loads(result.stdout), provenance(setup.delta, old)
     assert report["valuation_id"] == old and report["dagster_run_id"] == old_run.run_id
     assert {t: info["version"] for t, info in report["tables"].items()} == prov["tables"]
-    assert report["tables"]["projected_gradients"]["version"] < setup.delta.version("projected_gradients")  # time travel
+    assert report["tables"]["projected_gradients"]["version"] < setup.delta.version(
+        "projected_gradients"
+    )  # time travel
     assert report["tables"]["projected_gradients"]["dagster_run_id"] == old_run.run_id
-    assert report["model"]["checkpoint_hash"] == prov["model_hash"] and report["projection"]["hash"] == prov["projection_hash"]
-    assert report["curvature"] == {"kind": "ekfac", "fisher": "empirical", "damping": 0.01, "damping_mode": "relative", "per_layer_damping": {}}
+    assert (
+        report["model"]["checkpoint_hash"] == prov["model_hash"]
+        and report["projection"]["hash"] == prov["projection_hash"]
+    )
+    assert report["curvature"] == {
+        "kind": "ekfac",
+        "fisher": "empirical",
+        "damping": 0.01,
+        "damping_mode": "relative",
+        "per_layer_damping": {},
+    }
     assert report["query_settings"]["queries_file"] == "data/embedded_queries.jsonl" and len(report["queries"]) == 24
     assert report["shards"] == prov["shards"] and report["unavailable"] == []
-    assert report["mlflow"]["params"]["valuation_id"] == old and report["mlflow"]["tags"]["dagster_run_id"] == old_run.run_id
+    assert (
+        report["mlflow"]["params"]["valuation_id"] == old
+        and report["mlflow"]["tags"]["dagster_run_id"] == old_run.run_id
+    )
     verify = report["verify"]
     assert verify["passed"] and verify["queries_recomputed"] == 4
     assert verify["max_relative_deviation"] <= verify["tolerance"]
@@ -97,12 +119,16 @@ def test_verify_fails_loudly_when_a_recorded_version_was_vacuumed(audited, tmp_p
     copy = tmp_path / "home"
     shutil.copytree(setup.home, copy)
     monkeypatch.setenv("DATAWORTH_HOME", str(copy))
-    removed = DeltaTable(DeltaStore().table_path("hessian_factors")).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    removed = DeltaTable(DeltaStore().table_path("hessian_factors")).vacuum(
+        retention_hours=0, enforce_retention_duration=False, dry_run=False
+    )
     assert removed
 
     assert main(["audit", old, "--verify"]) == 2
     out, err = capsys.readouterr()
-    assert f"audit failed: valuation {old} cannot be reproduced" in err and "hessian_factors" in err and "vacuumed" in err
+    assert (
+        f"audit failed: valuation {old} cannot be reproduced" in err and "hessian_factors" in err and "vacuumed" in err
+    )
     assert "verify: FAILED" in out and f"valuation {old}" in out  # the lineage itself still prints
     assert main(["audit", new, "--verify", "--json"]) == 0  # the latest valuation reads current files
     assert json.loads(capsys.readouterr().out)["verify"]["passed"]

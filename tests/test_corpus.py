@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.corpus import (
+from domain.landing import (
     CORPUS_COLUMNS,
     LandingFileError,
     batch_id_for,
@@ -20,8 +20,8 @@ from pipelines.corpus import (
     read_landing_file,
     validate_documents,
 )
-from pipelines.batches import assign_shards
-from pipelines.schemas import validate
+from domain.staging import assign_shards
+from resources.schemas import validate
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 

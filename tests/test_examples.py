@@ -10,7 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_example(name: str) -> str:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / name)], check=False, capture_output=True, text=True, timeout=300, cwd=ROOT
+        [sys.executable, str(ROOT / "examples" / name)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -15,7 +15,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutput
 
-from pipelines.lm import (
+from domain.lm import (
     CheckpointError,
     QueryTooLongError,
     TinyGPT2Config,
@@ -52,9 +52,7 @@ def sequences(tokenizer):
 @pytest.fixture(scope="module")
 def trained(tokenizer, sequences):
     losses = []
-    model = train_tiny_gpt2(
-        sequences, tokenizer, CONFIG, **TRAINING, on_step=lambda step, loss: losses.append(loss)
-    )
+    model = train_tiny_gpt2(sequences, tokenizer, CONFIG, **TRAINING, on_step=lambda step, loss: losses.append(loss))
     return model, losses
 
 

@@ -4,8 +4,8 @@ import json
 
 import polars as pl
 
-from assets.common import binary_to_gradients
-from pipelines.audit import lineage, verify
+from domain.audit import lineage, verify
+from resources.codecs import binary_to_gradients
 from resources.tracking import MlflowTracker
 from tests.pipeline_harness import make_tiny_setup
 
@@ -37,7 +37,9 @@ def test_tiny_graph_materializes_end_to_end(tmp_path, monkeypatch):
     assert abs(values["share"].sum() - 1) < 1e-9
     per_provider = scores.filter(pl.col("kind") == "provider_query").group_by("provider_id").agg(pl.col("score").sum())
     for provider, total in per_provider.iter_rows():
-        assert abs(values.filter(pl.col("provider_id") == provider)["total_value"][0] - total) <= 1e-9 * max(1, abs(total))
+        assert abs(values.filter(pl.col("provider_id") == provider)["total_value"][0] - total) <= 1e-9 * max(
+            1, abs(total)
+        )
 
     # provenance: commit metadata names the run and the upstream versions read
     meta = delta.commit_metadata("influence_scores", delta.version("influence_scores"))

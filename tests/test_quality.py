@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dataworth import CausalLMTask, CurvatureConfig, ProjectionConfig
-from pipelines import quality
+from domain import quality
 
 
 def test_subset_masks_are_deterministic_halves():
@@ -61,7 +61,9 @@ def test_mean_interval_is_the_percentile_bootstrap_of_the_mean():
 def test_provider_accuracy_on_a_constructed_case():
     scores = torch.tensor([[5.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 3.0, 0.0], [0.0, 0.0, -1.0]])  # (N=4, Q=3)
     sums = quality.group_sums(scores, torch.tensor([0, 0, 1, 2]), 3)  # (P=3, Q)
-    torch.testing.assert_close(sums, torch.tensor([[6.0, 0.0, 2.0], [0.0, 3.0, 0.0], [0.0, 0.0, -1.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        sums, torch.tensor([[6.0, 0.0, 2.0], [0.0, 3.0, 0.0], [0.0, 0.0, -1.0]], dtype=torch.float64)
+    )
     assert quality.provider_accuracy(sums, torch.tensor([0, 1, 2])) == pytest.approx(2 / 3)
 
 
@@ -82,9 +84,16 @@ def test_tiny_end_to_end_lds_is_finite():
     train = [torch.randint(1, 32, (10,), generator=g).tolist() for _ in range(12)]
     queries = [(torch.randint(1, 32, (10,), generator=g).tolist(), 4) for _ in range(3)]
     metrics = quality.evaluate(
-        model, CausalLMTask(pad_token_id=0), train, queries, ProjectionConfig(rank_in=2, rank_out=2, exclude=("lm_head",)),
-        CurvatureConfig(kind="ekfac"), quality.RetrainConfig(subsets=4, seeds=2, epochs=1, lr=1e-2, batch_size=4),
-        train_providers=torch.tensor([0, 1] * 6), provider_queries=train[:2], query_providers=torch.tensor([0, 1]),
+        model,
+        CausalLMTask(pad_token_id=0),
+        train,
+        queries,
+        ProjectionConfig(rank_in=2, rank_out=2, exclude=("lm_head",)),
+        CurvatureConfig(kind="ekfac"),
+        quality.RetrainConfig(subsets=4, seeds=2, epochs=1, lr=1e-2, batch_size=4),
+        train_providers=torch.tensor([0, 1] * 6),
+        provider_queries=train[:2],
+        query_providers=torch.tensor([0, 1]),
     )
     assert all(math.isfinite(metrics[k]) for k in ("lds", "seed_agreement", "provider_acc"))
     assert -1 <= metrics["lds"] <= 1 and metrics["subsets"] == 4

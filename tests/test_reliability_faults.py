@@ -18,11 +18,11 @@ import pytest
 from deltalake import DeltaTable
 from polars.testing import assert_frame_equal
 
+from domain.artifacts import latest_row
 from pipelines import cli
-from pipelines.artifacts import latest_row
-from pipelines.home import PROJECT_ROOT, dagster_home
-from pipelines.revaluation import active_run, code_versions, stale_shards, stale_work
-from pipelines.schemas import SCHEMAS
+from pipelines.automation import active_run, code_versions, stale_shards, stale_work
+from resources.schemas import SCHEMAS
+from resources.state import PROJECT_ROOT, dagster_home
 from tests.pipeline_harness import make_tiny_setup
 from tests.reliability_support import canonical, clone, materialized_setup, run
 
@@ -69,12 +69,20 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_uninterrupted_rows(base, t
     with open(tmp_path / "worker.log", "wb") as log:
         child = worker(log, "projected_gradients", shards, shards)
         deadline = time.monotonic() + 300
-        while not any(commits(home.home, t) for t in GRADIENT_TABLES) and child.poll() is None and time.monotonic() < deadline:
+        while (
+            not any(commits(home.home, t) for t in GRADIENT_TABLES)
+            and child.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.005)
         child.send_signal(signal.SIGKILL)  # the first shard just committed: kill it mid-range, mid-shard maybe
         assert child.wait() == -signal.SIGKILL, (tmp_path / "worker.log").read_text()[-3000:]
 
-    landed = home.delta.read("projected_gradients")["shard_id"].unique().to_list() if home.delta.exists("projected_gradients") else []
+    landed = (
+        home.delta.read("projected_gradients")["shard_id"].unique().to_list()
+        if home.delta.exists("projected_gradients")
+        else []
+    )
     assert len(landed) < len(shards)  # it died before finishing
     stale = stale_shards(home.delta, shards)
     assert stale == [s for s in shards if s not in landed]
@@ -86,7 +94,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_uninterrupted_rows(base, t
     assert run(home, "hessian_factors", "influence_scores").success
     assert_same_table("hessian_factors", home.delta.read("hessian_factors"), reference["hessian_factors"])
     vid = latest_row(home.delta, "valuation_provenance")["valuation_id"]
-    scores = home.delta.read("influence_scores", filter=f"valuation_id = '{vid}'")
+    scores = home.delta.read("influence_scores", where={"valuation_id": vid})
     assert_same_table("influence_scores", scores, reference["influence_scores"], drop=("valuation_id",))
 
 
@@ -97,10 +105,14 @@ def test_dataworth_run_waits_for_a_live_run_and_takes_over_from_a_killed_one(tmp
     monkeypatch.setenv("DAGSTER_HOME", str(dagster_home()))  # the instance `dataworth run` uses
     script = Path(sys.executable).parent / "dataworth"
     with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen([script, "run"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        first = subprocess.Popen(
+            [script, "run"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 300
-            while not commits(setup.home, "projected_gradients") and first.poll() is None and time.monotonic() < deadline:
+            while (
+                not commits(setup.home, "projected_gradients") and first.poll() is None and time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             instance = dg.DagsterInstance.get()
@@ -141,9 +153,25 @@ def test_two_processes_writing_partitions_of_one_table_both_land(base, tmp_path,
 def test_two_fresh_homes_give_identical_scores(base, tmp_path, monkeypatch):
     setup, reference = base
     other = materialized_setup(tmp_path, monkeypatch)
-    for table in ("token_shards", "projected_gradients", "hessian_factors", "valuation_queries", "influence_scores", "provider_valuations", "valuation_provenance"):
-        assert_same_table(table, other.delta.read(table), reference[table], drop=("provenance",) if table == "valuation_provenance" else ())
-    assert other.delta.read("valuation_provenance")["provenance"].to_list() == reference["valuation_provenance"]["provenance"].to_list()
+    for table in (
+        "token_shards",
+        "projected_gradients",
+        "hessian_factors",
+        "valuation_queries",
+        "influence_scores",
+        "provider_valuations",
+        "valuation_provenance",
+    ):
+        assert_same_table(
+            table,
+            other.delta.read(table),
+            reference[table],
+            drop=("provenance",) if table == "valuation_provenance" else (),
+        )
+    assert (
+        other.delta.read("valuation_provenance")["provenance"].to_list()
+        == reference["valuation_provenance"]["provenance"].to_list()
+    )
 
 
 def test_commit_metadata_and_state_folder_hold_no_secret(base):
@@ -171,5 +199,7 @@ def test_rematerializing_every_asset_is_idempotent(base):
             vids = after["valuation_id"].unique().to_list()
             assert len(vids) == 2 and vid in vids
             after = after.filter(after["valuation_id"] != vid)
-        drop = tuple(c for c in ("valuation_id", "provenance", "corpus_version") if c in after.columns)  # input versions
+        drop = tuple(
+            c for c in ("valuation_id", "provenance", "corpus_version") if c in after.columns
+        )  # input versions
         assert_same_table(table, after, reference[table], drop=drop)

@@ -10,16 +10,15 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from domain.lm import CheckpointError, load_checkpoint, save_checkpoint, train_tokenizer
+from domain.settings import Settings, UnsafePathError, configured_path
+from domain.staging import landing_folder, plan_landing
 from pipelines import cli
-from pipelines.batches import plan_landing
-from pipelines.home import PROJECT_ROOT
-from pipelines.lm import CheckpointError, load_checkpoint, save_checkpoint, train_tokenizer
-from pipelines.revaluation import landing_folder
-from pipelines.settings import Settings, UnsafePathError, configured_path
+from resources.state import PROJECT_ROOT
 from tests.pipeline_harness import TinySetup, make_tiny_setup, write_jsonl
 from tests.reliability_support import changed, failure, run
 
-SOURCE_DIRS = ("dataworth", "pipelines", "assets", "resources", "examples", "benchmarks", "data", "deployments")
+SOURCE_DIRS = ("dataworth", "domain", "pipelines", "assets", "resources", "examples", "benchmarks", "data", "deployments")
 UNSAFE_LOADING = re.compile(
     r"torch\.load\(|pickle\.loads?\(|cloudpickle|dill\.|joblib\.load|allow_pickle\s*=\s*True|"
     r"weights_only\s*=\s*False|trust_remote_code\s*=\s*True|use_safetensors\s*=\s*False|(?<![\w.])(eval|exec)\("
@@ -43,6 +42,7 @@ def home(tmp_path, monkeypatch):
 
 
 # --- weights ---------------------------------------------------------------------------------------
+
 
 def test_no_unsafe_deserialization_in_the_code_base():
     hits = []
@@ -72,15 +72,30 @@ def test_weights_load_only_from_safetensors_and_a_pickle_is_never_unpickled(tmp_
 
 # --- configured paths ------------------------------------------------------------------------------
 
+
 def test_configured_paths_resolve_inside_the_project_root_or_home(home, tmp_path):
-    assert configured_path("data/embedded_queries.jsonl", "[queries] queries_file") == PROJECT_ROOT / "data" / "embedded_queries.jsonl"
+    assert (
+        configured_path("data/embedded_queries.jsonl", "[queries] queries_file")
+        == PROJECT_ROOT / "data" / "embedded_queries.jsonl"
+    )
     inside_home = home / "models" / "mine"
     assert configured_path(str(inside_home), "[model] checkpoint_dir") == inside_home
     assert configured_path(str(PROJECT_ROOT / "data"), "[corpus] landing_dir") == PROJECT_ROOT / "data"
     (home / "escape").symlink_to(tmp_path)  # a symlink inside home that leads out of it
-    outside = ["/etc/passwd", "../outside", "data/../../outside", "~/.ssh", str(tmp_path / "elsewhere"), str(home / "escape" / "x")]
+    outside = [
+        "/etc/passwd",
+        "../outside",
+        "data/../../outside",
+        "~/.ssh",
+        str(tmp_path / "elsewhere"),
+        str(home / "escape" / "x"),
+    ]
     for value in outside:
-        with pytest.raises(UnsafePathError, match=r"\[model\] checkpoint_dir = .* outside the project root .* and DATAWORTH_HOME .*; move it under one of them"):
+        with pytest.raises(
+            UnsafePathError,
+            match=r"\[model\] checkpoint_dir = .* outside the project root .* and DATAWORTH_HOME .*; "
+            r"move it under one of them",
+        ):
             configured_path(value, "[model] checkpoint_dir")
 
 
@@ -99,7 +114,10 @@ def test_every_path_setting_goes_through_the_rule(home, tmp_path):
 def test_landing_file_names_and_doc_ids_never_become_paths(tmp_path, monkeypatch):
     setup = make_tiny_setup(tmp_path, monkeypatch, docs_per_provider=1)
     hostile = ["../../escaped", "/etc/passwd-copy", "a/../../../b", "..", "shard_id=x/../../y"]
-    rows = [{"provider_id": "../provider", "doc_id": d, "text": f"text {i}", "license": "MIT"} for i, d in enumerate(hostile)]
+    rows = [
+        {"provider_id": "../provider", "doc_id": d, "text": f"text {i}", "license": "MIT"}
+        for i, d in enumerate(hostile)
+    ]
     write_jsonl(setup.landing / "hostile.jsonl", rows)
     before = set(tmp_path.parent.iterdir())
     shards = setup.stage()
@@ -125,6 +143,7 @@ def test_landing_symlink_to_a_file_outside_is_quarantined(home, tmp_path):
 
 
 # --- UIs -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("argv", "expected"),

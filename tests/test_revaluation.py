@@ -18,10 +18,9 @@ from dagster._core.test_utils import create_run_for_test
 from dagster._utils.test.data_versions import get_stale_status_resolver
 from deltalake import DeltaTable
 
-from pipelines.batches import plan_landing, staged_corpus
-from pipelines.cli import DAGSTER_YAML
-from pipelines.definitions import build_definitions
-from pipelines.revaluation import (
+from domain.settings import Settings
+from domain.staging import plan_landing, staged_corpus
+from pipelines.automation import (
     ALL,
     NEW_SHARDS,
     REPROJECT,
@@ -30,7 +29,8 @@ from pipelines.revaluation import (
     stale_shards,
     stale_work,
 )
-from pipelines.settings import Settings
+from pipelines.cli import DAGSTER_YAML
+from pipelines.definitions import build_definitions
 from resources.delta import DeltaStore
 from tests.pipeline_harness import (
     RANGE_END,
@@ -79,7 +79,10 @@ def evaluate_schedule(setup, defs: dg.Definitions):
 
 def execute(setup, defs: dg.Definitions, requests) -> list[dg.ExecuteInProcessResult]:
     job = defs.resolve_job_def("valuation")
-    results = [job.execute_in_process(instance=setup.instance, tags=r.tags, asset_selection=r.asset_selection) for r in requests]
+    results = [
+        job.execute_in_process(instance=setup.instance, tags=r.tags, asset_selection=r.asset_selection)
+        for r in requests
+    ]
     assert all(r.success for r in results)
     return results
 
@@ -169,9 +172,13 @@ def test_sensor_does_nothing_for_an_already_ingested_file(valued):
 
 def test_sensor_quarantines_malformed_files_whole(valued):
     staged_before = staged_corpus().height
-    (valued.landing / "broken.jsonl").write_text('{"provider_id": "numpy", "doc_id": "x1", "text": "ok", "license": "MIT"}\n{not json\n')
+    (valued.landing / "broken.jsonl").write_text(
+        '{"provider_id": "numpy", "doc_id": "x1", "text": "ok", "license": "MIT"}\n{not json\n'
+    )
     good = landing_records("polars", 10, 1)[0]
-    write_jsonl(valued.landing / "half.jsonl", [good, {**good, "doc_id": "half-2", "text": "   "}])  # one good, one empty document
+    write_jsonl(
+        valued.landing / "half.jsonl", [good, {**good, "doc_id": "half-2", "text": "   "}]
+    )  # one good, one empty document
     result = evaluate_sensor(valued, valued.definitions())
     assert not result.run_requests and "2 quarantined" in result.skip_reason.skip_message
     rejected = valued.landing / "_rejected"
@@ -212,11 +219,14 @@ def test_sensor_values_a_new_batch_computing_only_its_shards(valued):
 
     (run,) = execute(valued, defs, result.run_requests)
     assert sorted(materialized(run)) == sorted(new)  # gradient work: the new shards only
-    sequences = delta.read("token_shards", filter=f"shard_id IN ('{new[0]}', '{new[1]}')").height
+    sequences = delta.read("token_shards", where={"shard_id": new[:2]}).height
     step = next(e for e in run.get_asset_materialization_events() if e.asset_key == GRADIENTS)
     assert step.materialization.metadata["sequences"].value == sequences
     assert shard_files(delta, old_shards) == old_files  # the untouched shards' data files were not rewritten
-    commits = [delta.commit_metadata("projected_gradients", v) for v in range(old_version + 1, delta.version("projected_gradients") + 1)]
+    commits = [
+        delta.commit_metadata("projected_gradients", v)
+        for v in range(old_version + 1, delta.version("projected_gradients") + 1)
+    ]
     assert len(commits) == len(new) and {c["dagster_run_id"] for c in commits} == {run.run_id}
 
     vids = valuation_ids(delta)
@@ -239,14 +249,21 @@ def test_dataworth_run_values_a_new_landing_file_then_finds_nothing_stale(valued
     new = [s for s in shards_of(valued) if s not in old_shards]
     assert len(new) == 1 and "staged 1 batch(es): 1 new shard(s)" in first.stdout
     assert f"materializing {', '.join(NEW_SHARDS)} over shards {new[0]} .. {new[0]}\n" in first.stdout
-    (commit,) = [delta.commit_metadata("projected_gradients", v) for v in range(old_version + 1, delta.version("projected_gradients") + 1)]
+    (commit,) = [
+        delta.commit_metadata("projected_gradients", v)
+        for v in range(old_version + 1, delta.version("projected_gradients") + 1)
+    ]
     assert f"run {commit['dagster_run_id']} succeeded" in first.stdout  # one gradient write: the new shard's
     vids = valuation_ids(delta)
     assert len(vids) == 3 and f"valuation {vids[-1]}" in first.stdout
 
     second = subprocess.run([script, "run"], check=False, capture_output=True, text=True, timeout=200)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "nothing is stale" in second.stdout and "materializing" not in second.stdout and f"valuation {vids[-1]}" in second.stdout
+    assert (
+        "nothing is stale" in second.stdout
+        and "materializing" not in second.stdout
+        and f"valuation {vids[-1]}" in second.stdout
+    )
 
 
 def test_new_damping_recomputes_scores_without_gradients(valued):
@@ -313,7 +330,10 @@ def test_new_model_checkpoint_makes_every_shard_stale(valued):
     delta, shards = valued.delta, shards_of(valued)
     defs = use_settings(tiny_settings(damping=0.05, projection_seed=1, train_steps=31))
     (request,) = stale_work(valued.instance, delta, code_versions(defs.assets))
-    assert selection(request) == set(ALL) and (request.tags[RANGE_START], request.tags[RANGE_END]) == (shards[0], shards[-1])
+    assert selection(request) == set(ALL) and (request.tags[RANGE_START], request.tags[RANGE_END]) == (
+        shards[0],
+        shards[-1],
+    )
 
     old_hash = delta.read("model_checkpoint").sort("created_at")["checkpoint_hash"][-1]
     execute(valued, defs, [dg.RunRequest(asset_selection=[dg.AssetKey("model_checkpoint")])])

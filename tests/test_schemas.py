@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.schemas import SCHEMAS, validate
+from resources.schemas import SCHEMAS, validate
 
 F32 = np.arange(4, dtype="<f4").tobytes()
 F64_2x3 = np.zeros((2, 3), dtype="<f8").tobytes()
@@ -201,9 +201,7 @@ INVALID = {
         ["config", "dim"],
     ),
     "valuation_provenance": (
-        VALID["valuation_provenance"].with_columns(
-            valuation_id=pl.lit("v-1"), rows_per_second=pl.lit(float("nan"))
-        ),
+        VALID["valuation_provenance"].with_columns(valuation_id=pl.lit("v-1"), rows_per_second=pl.lit(float("nan"))),
         ["valuation_id", "rows_per_second"],
     ),
 }

@@ -6,12 +6,12 @@ import polars as pl
 import pytest
 import torch
 
-from pipelines.lm import train_tokenizer
-from pipelines.shards import (
+from domain.lm import train_tokenizer
+from domain.sequences import (
     SequenceTooLongError,
-    assign_shards,
-    count_split_documents,
+    number_sequences,
     pad_batch,
+    split_documents,
     tokenize_corpus,
 )
 
@@ -55,31 +55,26 @@ def test_windows_stay_inside_documents_and_cover_them_once(tokenizer):
             position = row["token_end"]
         assert len(stream) - position < 2  # only a 1-token tail (or an empty doc's lone eos) is dropped
     split = sum(len(tokenizer(text)["input_ids"]) + 1 > SEQ_LEN for text in docs["text"])
-    assert 0 < split == count_split_documents(sequences)
+    assert 0 < split == split_documents(sequences)
 
 
 def test_empty_corpus_keeps_the_schema(tokenizer):
     sequences = tokenize_corpus(make_docs("b1", 0, seed=1), tokenizer, SEQ_LEN)
     assert sequences.height == 0
-    assert assign_shards(sequences, 4).columns[:3] == ["shard_id", "seq_id", "seq_index"]
+    assert {"shard_id", "seq_id", "seq_index"} <= set(number_sequences(sequences, "b-0000000000000000-0000").columns)
 
 
-def test_shards_are_per_batch_and_stable_when_a_batch_is_added(tokenizer):
-    first = tokenize_corpus(make_docs("b1", 30, seed=1), tokenizer, SEQ_LEN)
-    second = tokenize_corpus(make_docs("b2", 20, seed=2), tokenizer, SEQ_LEN)
-    before = assign_shards(first, 8)
-    after = assign_shards(pl.concat([second, first]).sample(fraction=1.0, shuffle=True, seed=3), 8)
-
-    assert after.filter(pl.col("batch_id") == "b1").equals(before)
-    assert after["seq_id"].is_unique().all()
-    per_shard = after.group_by("shard_id").agg(
-        pl.col("batch_id").n_unique(), pl.len(), pl.col("seq_index").max()
+def test_sequences_are_numbered_in_document_order_whatever_the_input_order(tokenizer):
+    sequences = tokenize_corpus(make_docs("b1", 30, seed=1), tokenizer, SEQ_LEN)
+    shard = "b-0123456789abcdef-0002"
+    numbered = number_sequences(sequences, shard)
+    shuffled = number_sequences(sequences.sample(fraction=1.0, shuffle=True, seed=3), shard)
+    assert numbered.equals(shuffled)
+    assert numbered["seq_index"].to_list() == list(range(numbered.height))
+    assert numbered["seq_id"][0] == f"{shard}:00000" and numbered["seq_id"].is_unique().all()
+    assert numbered.select("doc_id", "token_start").equals(
+        sequences.sort("doc_id", "token_start").select("doc_id", "token_start")
     )
-    assert (per_shard["batch_id"] == 1).all()
-    assert (per_shard["len"] <= 8).all()
-    assert (per_shard["seq_index"] == per_shard["len"] - 1).all()
-    assert before["shard_id"][0] == "b1-0000"
-    assert before["seq_id"][9] == "b1-0001:00001"
 
 
 def test_pad_batch_right_pads_and_masks_labels():

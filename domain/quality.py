@@ -118,7 +118,15 @@ def fine_tune(base: nn.Module, task: Task, examples: Sequence, config: RetrainCo
     return model.eval()
 
 
-def retrain_losses(base: nn.Module, task: Task, train: Sequence, queries: Sequence, masks: torch.Tensor, config: RetrainConfig, progress=None) -> torch.Tensor:
+def retrain_losses(
+    base: nn.Module,
+    task: Task,
+    train: Sequence,
+    queries: Sequence,
+    masks: torch.Tensor,
+    config: RetrainConfig,
+    progress=None,
+) -> torch.Tensor:
     """(S, m, Q) float64 query losses after fine-tuning on each subset (m, N) with S seeds."""
     out = torch.zeros(config.seeds, masks.shape[0], len(queries), dtype=torch.float64)
     for j, mask in enumerate(masks):
@@ -164,8 +172,15 @@ class Gradients:
 
 
 def capture(
-    model: nn.Module, task: Task, train: Sequence, queries: Sequence, projection: ProjectionConfig, *,
-    fishers=("empirical",), second_moment: bool = True, batch_size: int = 16,
+    model: nn.Module,
+    task: Task,
+    train: Sequence,
+    queries: Sequence,
+    projection: ProjectionConfig,
+    *,
+    fishers=("empirical",),
+    second_moment: bool = True,
+    batch_size: int = 16,
 ) -> Gradients:
     """One capture pass per projection: train and query gradients plus Fisher statistics (without
     the (D_l x D_l) second moments, only identity and KFAC curvature can be fitted)."""
@@ -197,11 +212,15 @@ def mean_interval(values: torch.Tensor, level: float = 0.95, samples: int = 2000
     if len(values) < 2:
         return float("nan"), float("nan")
     picks = torch.randint(len(values), (samples, len(values)), generator=torch.Generator().manual_seed(seed))
-    low, high = torch.quantile(values[picks].mean(1), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    low, high = torch.quantile(
+        values[picks].mean(1), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    )
     return float(low), float(high)
 
 
-def held_out_split(doc_ids: Sequence[str], provider_ids: Sequence[str], per_provider: int, max_train: int, seed: int = 0) -> tuple[list[int], list[int]]:
+def held_out_split(
+    doc_ids: Sequence[str], provider_ids: Sequence[str], per_provider: int, max_train: int, seed: int = 0
+) -> tuple[list[int], list[int]]:
     """(train rows, query rows) of a sequence table: `per_provider` random documents of each provider
     are held out (their first row becomes a provider-id query); at most `max_train` random rows of
     the other documents are the training set. Rows are indices into the inputs, sorted."""
@@ -209,7 +228,11 @@ def held_out_split(doc_ids: Sequence[str], provider_ids: Sequence[str], per_prov
     held = set()
     for provider in sorted(set(provider_ids)):
         docs = sorted({d for d, p in zip(doc_ids, provider_ids) if p == provider})
-        held |= {docs[i] for i in torch.randperm(len(docs), generator=generator)[:per_provider].tolist()} if len(docs) > 1 else set()
+        held |= (
+            {docs[i] for i in torch.randperm(len(docs), generator=generator)[:per_provider].tolist()}
+            if len(docs) > 1
+            else set()
+        )
     first = {}
     for i, doc in enumerate(doc_ids):
         if doc in held:
@@ -220,9 +243,19 @@ def held_out_split(doc_ids: Sequence[str], provider_ids: Sequence[str], per_prov
 
 
 def evaluate(
-    model: nn.Module, task: Task, train: Sequence, queries: Sequence, projection: ProjectionConfig, curvature: CurvatureConfig,
-    retrain: RetrainConfig, *, normalize: str = "none", train_providers: torch.Tensor | None = None,
-    provider_queries: Sequence = (), query_providers: torch.Tensor | None = None, progress=None,
+    model: nn.Module,
+    task: Task,
+    train: Sequence,
+    queries: Sequence,
+    projection: ProjectionConfig,
+    curvature: CurvatureConfig,
+    retrain: RetrainConfig,
+    *,
+    normalize: str = "none",
+    train_providers: torch.Tensor | None = None,
+    provider_queries: Sequence = (),
+    query_providers: torch.Tensor | None = None,
+    progress=None,
 ) -> dict[str, float]:
     """LDS (mean over queries, with its 95% bootstrap interval over queries), seed agreement and, given
     provider-labelled queries (with train_providers (N,) and query_providers (Q',) int64), provider-id
@@ -234,9 +267,14 @@ def evaluate(
     per_query = lds_per_query(scores[:, : len(queries)], masks, losses)
     low, high = mean_interval(per_query)
     metrics = {
-        "lds": finite_mean(per_query), "lds_ci_low": low, "lds_ci_high": high,
+        "lds": finite_mean(per_query),
+        "lds_ci_low": low,
+        "lds_ci_high": high,
         "seed_agreement": finite_mean(seed_agreement(losses)) if retrain.seeds > 1 else float("nan"),
-        "subsets": retrain.subsets, "seeds": retrain.seeds, "train_sequences": len(train), "queries": len(queries),
+        "subsets": retrain.subsets,
+        "seeds": retrain.seeds,
+        "train_sequences": len(train),
+        "queries": len(queries),
     }
     if len(provider_queries):
         n_groups = int(max(train_providers.max(), query_providers.max())) + 1

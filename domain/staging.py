@@ -12,12 +12,12 @@ A file whose bytes were already staged (same batch id) changes nothing; it is mo
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
 
-from pipelines.corpus import (
+from domain.landing import (
     CORPUS_COLUMNS,
     LANDING_SUFFIXES,
     LandingFileError,
@@ -27,7 +27,8 @@ from pipelines.corpus import (
     read_landing_file,
     validate_documents,
 )
-from pipelines.home import PROJECT_ROOT, dataworth_home
+from domain.settings import Settings, configured_path
+from resources.state import PROJECT_ROOT, dataworth_home, landing_dir
 
 EMBEDDED_CORPUS = PROJECT_ROOT / "data" / "embedded_corpus"
 STAGED_COLUMNS = (*CORPUS_COLUMNS, "shard_id")
@@ -85,8 +86,13 @@ def assign_shards(rows: pl.DataFrame, batch_id: str, docs_per_shard: int) -> pl.
 
 
 def _rejection_note(report) -> str:
-    lines = [f"{report.rejected.height} document(s) rejected; nothing of this file was ingested. Fix them and drop the file again:"]
-    for doc_id, provider, reason in report.rejected.select("doc_id", "provider_id", "reason").head(MAX_REASONS).iter_rows():
+    lines = [
+        f"{report.rejected.height} document(s) rejected; nothing of this file was ingested. "
+        "Fix them and drop the file again:"
+    ]
+    for doc_id, provider, reason in (
+        report.rejected.select("doc_id", "provider_id", "reason").head(MAX_REASONS).iter_rows()
+    ):
         lines.append(f"- doc_id={doc_id!r} provider_id={provider!r}: {reason}")
     if report.providers_fully_rejected:
         lines.append(f"providers with every document rejected: {', '.join(report.providers_fully_rejected)}")
@@ -106,7 +112,7 @@ def _stage(path: Path, rows: pl.DataFrame, batch_id: str) -> None:
 def plan_landing(landing: Path, docs_per_shard: int, now: datetime | None = None) -> Plan:
     """Stage every landing file (sorted by name); move bad ones to `landing/_rejected` and repeated
     ones to `landing/_already_ingested`, each with a reason."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     rejected_dir = landing / "_rejected"
     plan = Plan([], {}, [])
     known = staged_corpus()
@@ -123,7 +129,11 @@ def plan_landing(landing: Path, docs_per_shard: int, now: datetime | None = None
             continue
         batch_id = batch_id_for(path)
         if (staged_dir() / f"{batch_id}.parquet").exists():  # set aside, so later ticks do not hash it again
-            quarantine(path, f"its bytes were already ingested as batch {batch_id}; nothing to do", landing / "_already_ingested")
+            quarantine(
+                path,
+                f"its bytes were already ingested as batch {batch_id}; nothing to do",
+                landing / "_already_ingested",
+            )
             plan.already_ingested.append(path.name)
             continue
         try:
@@ -154,3 +164,37 @@ def read_staged_shard(shard_id: str) -> pl.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"shard {shard_id!r}: its staged batch {path} is missing; re-drop the batch's file")
     return pl.read_parquet(path).filter(pl.col("shard_id") == shard_id)
+
+
+@dataclass
+class Staged:
+    """What one pass over the landing folder did."""
+
+    folder: Path  # the landing folder
+    plan: Plan
+    seeded: list[str]  # embedded corpus files copied into an empty landing folder
+    new_shards: list[str]  # staged shards that are no partition yet, in order
+
+
+def landing_folder(settings: Settings) -> Path:
+    """The landing folder: `[corpus] landing_dir`, else `$DATAWORTH_HOME/landing`."""
+    if not settings.corpus.landing_dir:
+        return landing_dir()
+    folder = configured_path(settings.corpus.landing_dir, "[corpus] landing_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def stage_landing(settings: Settings, known_shards: set[str]) -> Staged:
+    """Seed the embedded corpus if configured and nothing was staged, stage every landing file, and list
+    the staged shards not in `known_shards`: the plan's, then any that a crash left staged."""
+    folder = landing_folder(settings)
+    seeded = seed_embedded_corpus(folder) if settings.corpus.seed_embedded_corpus else []
+    plan = plan_landing(folder, settings.corpus.docs_per_shard)
+    staged = [
+        s
+        for f in sorted(staged_dir().glob("*.parquet"))
+        for s in pl.read_parquet(f, columns=["shard_id"])["shard_id"].unique(maintain_order=True)
+    ]
+    new = [s for s in dict.fromkeys([*plan.shard_ids, *staged]) if s not in known_shards]
+    return Staged(folder, plan, seeded, new)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
@@ -29,7 +30,8 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from dataworth.errors import DataworthError
-from pipelines.shards import pad_batch
+from domain.sequences import pad_batch, tokenize_corpus
+from domain.settings import ModelSettings
 
 ENDOFTEXT = "<|endoftext|>"
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -163,6 +165,25 @@ def train_tiny_gpt2(
     return model.eval()
 
 
+def train_embedded_model(corpus: pl.DataFrame, m: ModelSettings, on_step: Callable[[int, float], None] | None = None):
+    """(model, tokenizer, sequences) of the embedded default: a BPE tokenizer and a GPT-2 of the `[model]`
+    shape trained on the corpus documents (doc_id, provider_id, batch_id, text), cut at n_positions."""
+    tokenizer = train_tokenizer(corpus["text"].to_list(), vocab_size=m.vocab_size)
+    sequences = tokenize_corpus(corpus, tokenizer, m.n_positions)["input_ids"].to_list()
+    config = TinyGPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions)
+    model = train_tiny_gpt2(
+        sequences,
+        tokenizer,
+        config,
+        steps=m.train_steps,
+        batch_size=m.train_batch_size,
+        lr=m.learning_rate,
+        seed=m.seed,
+        on_step=on_step,
+    )
+    return model, tokenizer, len(sequences)
+
+
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> str:
     """Write ``model`` (safetensors) and ``tokenizer`` to ``directory``; return its checkpoint_hash."""
     model.save_pretrained(directory)  # transformers 5 always writes safetensors
@@ -211,8 +232,7 @@ def _check_checkpoint_files(directory: Path) -> None:
         )
     if not (directory / "config.json").is_file():
         raise CheckpointError(
-            f"{directory} has no config.json; pass a Hugging Face model directory "
-            "written by save_pretrained"
+            f"{directory} has no config.json; pass a Hugging Face model directory written by save_pretrained"
         )
     if not any(directory.glob("*.safetensors")):
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
@@ -258,8 +278,7 @@ def load_checkpoint(directory: str | Path) -> tuple[PreTrainedModel, PreTrainedT
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (ValueError, OSError) as error:
         raise CheckpointError(
-            f"{directory}: the tokenizer cannot be loaded ({error}); "
-            "re-save it with tokenizer.save_pretrained(dir)"
+            f"{directory}: the tokenizer cannot be loaded ({error}); re-save it with tokenizer.save_pretrained(dir)"
         ) from error
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -298,8 +317,7 @@ def generate_completions(
     """
     limit = context_length(model) - max_new_tokens
     encoded = [
-        tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.bos_token_id]
-        for prompt in prompts
+        tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.bos_token_id] for prompt in prompts
     ]
     for index, ids in enumerate(encoded):
         if len(ids) > limit:

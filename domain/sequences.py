@@ -1,8 +1,9 @@
-"""Token shards: split documents into training sequences and group them into shards.
+"""Training sequences: documents cut into windows of tokens, numbered within their shard.
 
 A sequence never crosses a document boundary: each document's token stream (its tokens
-followed by one eos token) is cut into windows of at most ``seq_len`` tokens. Shards are
-assigned per batch, so adding a batch adds shards and never renames existing ones.
+followed by one eos token) is cut into windows of at most ``seq_len`` tokens. Documents are
+assigned to shards when their batch is staged (``domain.staging``); a shard's sequences are
+numbered in (doc_id, token_start) order.
 """
 
 from __future__ import annotations
@@ -26,19 +27,6 @@ SEQUENCE_SCHEMA = {
     "n_tokens": pl.Int64,
     "input_ids": pl.List(pl.Int32),
 }
-
-SHARD_COLUMNS = [
-    "shard_id",
-    "seq_id",
-    "seq_index",
-    "doc_id",
-    "provider_id",
-    "batch_id",
-    "token_start",
-    "token_end",
-    "n_tokens",
-    "input_ids",
-]
 
 
 class SequenceTooLongError(DataworthError, ValueError):
@@ -75,33 +63,19 @@ def tokenize_corpus(docs: pl.DataFrame, tokenizer: PreTrainedTokenizerBase, seq_
     return pl.DataFrame(rows, schema=SEQUENCE_SCHEMA)
 
 
-def count_split_documents(sequences_df: pl.DataFrame) -> int:
-    """Number of documents longer than one sequence (split into several windows)."""
-    return sequences_df.group_by("doc_id").len().filter(pl.col("len") > 1).height
-
-
-def assign_shards(sequences_df: pl.DataFrame, sequences_per_shard: int) -> pl.DataFrame:
-    """Group sequences into shards, deterministically and per batch.
-
-    Rows are sorted by (batch_id, doc_id, token_start); the i-th shard of a batch holds
-    that batch's sequences ``[i * sequences_per_shard, (i + 1) * sequences_per_shard)``.
-    Adds shard_id ``"{batch_id}-{i:04d}"``, seq_index (position in the shard) and
-    seq_id ``"{shard_id}:{seq_index:05d}"``; columns follow the token_shards table.
-    """
-    if sequences_per_shard < 1:
-        raise ValueError(f"sequences_per_shard must be positive, got {sequences_per_shard}")
-    position = pl.int_range(pl.len(), dtype=pl.Int64).over("batch_id")
-    shard_number = position // sequences_per_shard
-    shard_id = pl.format("{}-{}", "batch_id", shard_number.cast(pl.String).str.zfill(4))
-    seq_index = position % sequences_per_shard
+def number_sequences(sequences: pl.DataFrame, shard_id: str) -> pl.DataFrame:
+    """One shard's sequences in (doc_id, token_start) order with shard_id, seq_index (0..) and
+    seq_id ``"{shard_id}:{seq_index:05d}"``."""
     return (
-        sequences_df.sort("batch_id", "doc_id", "token_start")
-        .with_columns(shard_id=shard_id, seq_index=seq_index)
-        .with_columns(
-            seq_id=pl.format("{}:{}", "shard_id", pl.col("seq_index").cast(pl.String).str.zfill(5))
-        )
-        .select(SHARD_COLUMNS)
+        sequences.sort("doc_id", "token_start")
+        .with_columns(shard_id=pl.lit(shard_id), seq_index=pl.int_range(pl.len(), dtype=pl.Int64))
+        .with_columns(seq_id=pl.col("shard_id") + ":" + pl.col("seq_index").cast(pl.String).str.zfill(5))
     )
+
+
+def split_documents(sequences: pl.DataFrame) -> int:
+    """Number of documents longer than one sequence (split into several windows)."""
+    return sequences.group_by("doc_id").len().filter(pl.col("len") > 1).height
 
 
 def pad_batch(input_ids_lists: Sequence[Sequence[int]], pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:

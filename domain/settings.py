@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from dataworth.config import CurvatureConfig, ProjectionConfig
-from pipelines.home import PROJECT_ROOT, dataworth_home
+from resources.state import PROJECT_ROOT, dataworth_home
 
 CODE_VERSION = "1"  # bump when an asset's code changes what it writes
 SETTINGS_ENV = "DATAWORTH_SETTINGS"
@@ -70,7 +70,9 @@ class Settings:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     shards: ShardSettings = field(default_factory=ShardSettings)
-    projection: ProjectionConfig = field(default_factory=lambda: ProjectionConfig(rank_in=32, rank_out=32, exclude=("lm_head",)))  # rank 32: +0.07 LDS over 16 (benchmarks/RESULTS.md)
+    projection: ProjectionConfig = field(
+        default_factory=lambda: ProjectionConfig(rank_in=32, rank_out=32, exclude=("lm_head",))
+    )  # rank 32: +0.07 LDS over 16 (benchmarks/RESULTS.md)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     capture_batch_size: int = 16
     queries: QuerySettings = field(default_factory=QuerySettings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import home
+from resources import state as home
 
 
 def test_home_follows_the_environment_and_creates_subfolders(tmp_path, monkeypatch):
@@ -23,7 +23,7 @@ def test_home_follows_the_environment_and_creates_subfolders(tmp_path, monkeypat
 def test_default_home_is_under_the_project_root(monkeypatch):
     monkeypatch.delenv("DATAWORTH_HOME", raising=False)
     assert home.dataworth_home() == home.PROJECT_ROOT / ".dataworth"
-    assert (home.PROJECT_ROOT / "pipelines" / "home.py").is_file()
+    assert (home.PROJECT_ROOT / "resources" / "state.py").is_file()
 
 
 def test_resolve_inside_accepts_nested_paths(tmp_path):

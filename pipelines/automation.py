@@ -1,6 +1,6 @@
 """Revaluation: a sensor on the landing folder and a schedule that revalues what is stale.
 
-- `landing_sensor`: stages new landing files (pipelines.batches), adds their shards as partitions and
+- `landing_sensor`: stages new landing files (domain.staging), adds their shards as partitions and
   requests `stale_work` for them: normally the new shards only, plus the unpartitioned assets downstream.
   On a fresh state folder it seeds the embedded corpus and runs the whole graph.
 - `revaluation_schedule` (cron `[automation] revaluation_cron`, daily by default): requests `stale_work`.
@@ -30,43 +30,42 @@ import dagster as dg
 import polars as pl
 import psutil
 
-from assets.common import shard_partitions
-from pipelines.artifacts import latest_row
-from pipelines.batches import Plan, plan_landing, seed_embedded_corpus, staged_dir
-from pipelines.home import landing_dir
-from pipelines.lm import checkpoint_hash
-from pipelines.settings import Settings, configured_path
+from assets.partitions import shard_partitions
+from domain.artifacts import latest_row
+from domain.lm import checkpoint_hash
+from domain.settings import Settings
+from domain.staging import stage_landing
 from resources.delta import DeltaStore
 
 JOB = "valuation"
-ALL = ("training_corpus", "model_checkpoint", "token_shards", "gradient_projection", "projected_gradients",
-       "hessian_factors", "valuation_queries", "influence_scores", "provider_valuations")
+ALL = (
+    "training_corpus",
+    "model_checkpoint",
+    "token_shards",
+    "gradient_projection",
+    "projected_gradients",
+    "hessian_factors",
+    "valuation_queries",
+    "influence_scores",
+    "provider_valuations",
+)
 SCORES = ("hessian_factors", "valuation_queries", "influence_scores", "provider_valuations")
 NEW_SHARDS = tuple(a for a in ALL if a not in ("model_checkpoint", "gradient_projection", "valuation_queries"))
 REPROJECT = tuple(a for a in ALL if a != "model_checkpoint")
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 REASON_TAG = "dataworth/stale"
-ACTIVE_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-                   dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
-
-
-def landing_folder(settings: Settings):
-    if not settings.corpus.landing_dir:
-        return landing_dir()
-    folder = configured_path(settings.corpus.landing_dir, "[corpus] landing_dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+ACTIVE_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 
 
 def code_versions(assets: Sequence[dg.AssetsDefinition]) -> dict[str, str]:
     """Asset name -> its code version (what the settings make it)."""
     return {a.key.path[-1]: a.code_versions_by_key[a.key] for a in assets}
-
-
-def unregistered_shards(plan: Plan, known: set[str]) -> list[str]:
-    """Staged shards that are no partition yet: the plan's, then any that a crash left staged."""
-    staged = [s for f in sorted(staged_dir().glob("*.parquet")) for s in pl.read_parquet(f, columns=["shard_id"])["shard_id"].unique(maintain_order=True)]
-    return [s for s in dict.fromkeys([*plan.shard_ids, *staged]) if s not in known]
 
 
 def process_gone(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
@@ -83,7 +82,10 @@ def process_gone(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None
         return None
     try:
         process = psutil.Process(pid)
-        if process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= records[0].event_log_entry.timestamp + 1:
+        if (
+            process.status() != psutil.STATUS_ZOMBIE
+            and process.create_time() <= records[0].event_log_entry.timestamp + 1
+        ):
             return None
     except psutil.NoSuchProcess:
         pass
@@ -97,7 +99,10 @@ def active_run(instance: dg.DagsterInstance, warn: Callable[[str], None]) -> str
     for record in instance.get_run_records(filters=dg.RunsFilter(job_name=JOB, statuses=ACTIVE_STATUSES)):
         run = record.dagster_run
         if reason := process_gone(instance, run):
-            message = f"marked valuation run {run.run_id} failed: {reason}; what it did not finish is stale and will be redone"
+            message = (
+                f"marked valuation run {run.run_id} failed: {reason}; "
+                "what it did not finish is stale and will be redone"
+            )
             instance.report_run_failed(run, message)
             warn(message)
             continue
@@ -149,7 +154,9 @@ def stale_shards(delta: DeltaStore, shards: list[str]) -> list[str]:
         return list(shards)
     current = latest_row(delta, "gradient_projection")
     done = delta.read("projected_gradients", columns=["shard_id", "projection_hash", "model_hash"]).unique()
-    fresh = done.filter((pl.col("projection_hash") == current["projection_hash"]) & (pl.col("model_hash") == current["model_hash"]))
+    fresh = done.filter(
+        (pl.col("projection_hash") == current["projection_hash"]) & (pl.col("model_hash") == current["model_hash"])
+    )
     fresh_ids = set(fresh["shard_id"].to_list())
     return [s for s in shards if s not in fresh_ids]
 
@@ -163,7 +170,9 @@ def queries_stale(delta: DeltaStore) -> bool:
     return made != [(current["projection_hash"], current["model_hash"])]
 
 
-def scores_stale(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: dict[str, str], shards: list[str]) -> str | None:
+def scores_stale(
+    instance: dg.DagsterInstance, delta: DeltaStore, code_versions: dict[str, str], shards: list[str]
+) -> str | None:
     for asset in SCORES:
         if reason := settings_changed(instance, asset, code_versions):
             return reason
@@ -178,7 +187,9 @@ def scores_stale(instance: dg.DagsterInstance, delta: DeltaStore, code_versions:
     return None
 
 
-def stale_work(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: dict[str, str], shards: list[str] | None = None) -> list[dg.RunRequest]:
+def stale_work(
+    instance: dg.DagsterInstance, delta: DeltaStore, code_versions: dict[str, str], shards: list[str] | None = None
+) -> list[dg.RunRequest]:
     """The run (at most one) that brings every stale asset up to date, recomputing no fresh gradient.
 
     `shards` defaults to the instance's partitions (the sensor passes them with the ones it adds)."""
@@ -192,7 +203,13 @@ def stale_work(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: d
     if stale := stale_shards(delta, shards):
         positions = sorted(shards.index(s) for s in stale)  # one run over the range covering them
         assets = (*NEW_SHARDS, "valuation_queries") if queries_stale(delta) else NEW_SHARDS
-        return [request(assets, (shards[positions[0]], shards[positions[-1]]), f"{len(stale)} shard(s) without current gradients")]
+        return [
+            request(
+                assets,
+                (shards[positions[0]], shards[positions[-1]]),
+                f"{len(stale)} shard(s) without current gradients",
+            )
+        ]
     if reason := scores_stale(instance, delta, code_versions, shards):
         return [request(SCORES, None, reason)]
     return []
@@ -200,27 +217,41 @@ def stale_work(instance: dg.DagsterInstance, delta: DeltaStore, code_versions: d
 
 def build_automation(settings: Settings, assets: list[dg.AssetsDefinition]):
     versions = code_versions(assets)
-    job = dg.define_asset_job(JOB, selection=dg.AssetSelection.assets(*ALL), description="The valuation graph; sensor and schedule run subsets of it.")
+    job = dg.define_asset_job(
+        JOB,
+        selection=dg.AssetSelection.assets(*ALL),
+        description="The valuation graph; sensor and schedule run subsets of it.",
+    )
 
     @dg.sensor(job=job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
     def landing_sensor(context: dg.SensorEvaluationContext, delta: DeltaStore) -> dg.SensorResult:
         """Stage new landing files and value their shards; quarantine malformed files with a reason."""
         if busy := active_run(context.instance, context.log.warning):
             return dg.SensorResult(skip_reason=f"valuation run {busy} is in progress; new files wait for it")
-        folder = landing_folder(settings)
-        if settings.corpus.seed_embedded_corpus and seed_embedded_corpus(folder):
-            context.log.info(f"seeded the embedded corpus into {folder}")
-        plan = plan_landing(folder, settings.corpus.docs_per_shard)
-        for name, reason in plan.quarantined.items():
-            context.log.warning(f"quarantined {name} (see {folder / '_rejected'}): {reason}")
         known = context.instance.get_dynamic_partitions(shard_partitions.name)
-        new = unregistered_shards(plan, set(known))
+        staged = stage_landing(settings, set(known))
+        if staged.seeded:
+            context.log.info(f"seeded the embedded corpus into {staged.folder}")
+        for name, reason in staged.plan.quarantined.items():
+            context.log.warning(f"quarantined {name} (see {staged.folder / '_rejected'}): {reason}")
+        new = staged.new_shards
         if not new:
-            return dg.SensorResult(skip_reason=f"no new batch ({len(plan.already_ingested)} file(s) already ingested, {len(plan.quarantined)} quarantined)")
-        requests = [r.with_replaced_attrs(run_key=f"shards-{new[0]}-{new[-1]}") for r in stale_work(context.instance, delta, versions, [*known, *new])]
-        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=[shard_partitions.build_add_request(new)])
+            plan = staged.plan
+            return dg.SensorResult(
+                skip_reason=f"no new batch ({len(plan.already_ingested)} file(s) already ingested, "
+                f"{len(plan.quarantined)} quarantined)"
+            )
+        requests = [
+            r.with_replaced_attrs(run_key=f"shards-{new[0]}-{new[-1]}")
+            for r in stale_work(context.instance, delta, versions, [*known, *new])
+        ]
+        return dg.SensorResult(
+            run_requests=requests, dynamic_partitions_requests=[shard_partitions.build_add_request(new)]
+        )
 
-    @dg.schedule(cron_schedule=settings.automation.revaluation_cron, job=job, default_status=dg.DefaultScheduleStatus.RUNNING)
+    @dg.schedule(
+        cron_schedule=settings.automation.revaluation_cron, job=job, default_status=dg.DefaultScheduleStatus.RUNNING
+    )
     def revaluation_schedule(context: dg.ScheduleEvaluationContext, delta: DeltaStore):
         """Revalue everything that is stale (see `stale_work`)."""
         if busy := active_run(context.instance, context.log.warning):

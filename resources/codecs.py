@@ -1,35 +1,8 @@
-"""What every asset shares: the shard partitions, commit metadata, and (de)serialising tensors."""
+"""How tensors are stored in Delta rows: float32 gradient blobs and named tensors as (name, shape, dtype, data)."""
 
-import hashlib
-import resource
-
-import dagster as dg
 import numpy as np
 import polars as pl
 import torch
-
-from resources.delta import DeltaStore, run_metadata
-
-shard_partitions = dg.DynamicPartitionsDefinition(name="shards")
-SINGLE_RUN = dg.BackfillPolicy.single_run()  # a range of shards is one step, one model load
-
-
-def commit_metadata(context: dg.AssetExecutionContext, upstream: dict[str, int | None]) -> dict[str, str]:
-    """Dagster run id, this asset's code version and the upstream table versions it read."""
-    code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or ""
-    return run_metadata(context.run_id, code_version, upstream)
-
-
-def upstream_versions(delta: DeltaStore, *tables: str) -> dict[str, int | None]:
-    return {t: delta.version(t) for t in tables}
-
-
-def sql_in(column: str, values: list[str]) -> str:
-    """SQL predicate `column IN ('a', 'b')` with quoted literals (never true for no values)."""
-    if not values:
-        return "1 = 0"
-    quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in values)
-    return f'"{column}" IN ({quoted})'
 
 
 def gradients_to_binary(gradients: torch.Tensor) -> pl.Series:
@@ -68,15 +41,3 @@ def frame_to_tensors(frame: pl.DataFrame) -> dict[str, torch.Tensor]:
         array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
         out[name] = torch.from_numpy(array.copy())
     return out
-
-
-def content_hash(*parts: bytes | str) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode() if isinstance(part, str) else part)
-    return h.hexdigest()
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -6,20 +6,33 @@ and `.../projections/<hash>`.
 Loading re-hashes the files, so a checkpoint or projection changed behind our back is refused.
 """
 
+import shutil
 from pathlib import Path
 
 import polars as pl
 
 from dataworth import MismatchError, Projection
-from pipelines.home import dataworth_home
-from pipelines.lm import load_checkpoint
+from domain.lm import load_checkpoint, save_checkpoint
 from resources.delta import DeltaStore
+from resources.state import dataworth_home, models_dir
 
 
 def projections_dir() -> Path:
     folder = dataworth_home() / "projections"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def store_checkpoint(model, tokenizer, run_id: str) -> tuple[Path, str]:
+    """Save under `models/<hash>` (atomically, through a staging folder); returns (path, checkpoint hash)."""
+    staging = models_dir() / f".staging-{run_id}"
+    digest = save_checkpoint(model, tokenizer, staging)
+    path = models_dir() / digest[:16]
+    if path.exists():
+        shutil.rmtree(staging)
+    else:
+        staging.rename(path)
+    return path, digest
 
 
 def latest_row(delta: DeltaStore, table: str, version: int | None = None) -> dict:
@@ -42,7 +55,9 @@ def load_model(delta: DeltaStore, version: int | None = None):
     return model, tokenizer, row
 
 
-def load_projection(delta: DeltaStore, model_hash: str | None = None, version: int | None = None) -> tuple[Projection, dict]:
+def load_projection(
+    delta: DeltaStore, model_hash: str | None = None, version: int | None = None
+) -> tuple[Projection, dict]:
     """The current projection, verified; refuses one made for another model than `model_hash`."""
     row = latest_row(delta, "gradient_projection", version)
     projection = Projection.load(row["path"])

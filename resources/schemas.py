@@ -281,7 +281,11 @@ def validate(table_name: str, df: pl.DataFrame) -> list[str]:
             rows = (~passed.fill_null(True)).arg_true().to_list()
             if rows:
                 cases = [df[name][i][:8].hex() + "..." for i in rows[:3]]
-                failures.append(_shorten(f"{table_name}: {_describe(table_name, 'Column', name, check.error or check.name, cases, rows)}"))
+                failures.append(
+                    _shorten(
+                        f"{table_name}: {_describe(table_name, 'Column', name, check.error or check.name, cases, rows)}"
+                    )
+                )
     return failures
 
 
