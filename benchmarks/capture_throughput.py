@@ -20,6 +20,10 @@ a capture on each batch, and the median of the per-batch time ratios is reported
 
     python benchmarks/capture_throughput.py            # full run (~4 min on 2 quiet cores), writes RESULTS_capture.md
     python benchmarks/capture_throughput.py --quick    # 2 layers, short sequences, ~40 s, writes nothing
+
+On a GPU: `--device cuda --dtype bfloat16` (timings synchronise the device; peak memory is then the
+rise of torch.cuda.max_memory_allocated), and `--arch llama-1b` for a ~1.1B Llama shape (TinyLlama:
+hidden 2048, 22 layers, GQA 32/4 heads, vocab 32000) instead of GPT-2; see benchmarks/gpu_check.sh.
 """
 
 import argparse
@@ -44,10 +48,13 @@ import torch
 METHODS = ("train", "capture", "dense")
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "RESULTS_capture.md"
 MiB = 2**20
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ARCH_LAYERS = {"gpt2": 12, "llama-1b": 22}  # default depth of each --arch
 QUICK = {"layers": 2, "seq": 64, "batch": 2, "warmup": 1, "reps": 3, "rounds": 1, "paired_reps": 6}
 
 
 # --------------------------------------------------------------------------- memory and machine state
+
 
 def _status_kib(field: str) -> int:
     """A `Vm*` field of /proc/self/status, in KiB."""
@@ -98,6 +105,7 @@ def wait_quiet(limit_s: float, threshold: float = 10.0) -> None:
 
 # --------------------------------------------------------------------------- workload
 
+
 def build(args, n_batches: int):
     """(model, task, batches), identical in every worker: seeded init and seeded token ids."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -105,15 +113,47 @@ def build(args, n_batches: int):
     from dataworth import CausalLMTask
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_positions=max(1024, args.seq))  # n_embd 768, vocab 50257
-    model = GPT2LMHeadModel(config).eval()
+    if args.arch == "llama-1b":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
+            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=max(2048, args.seq),
+            tie_word_embeddings=False,
+        )  # fmt: skip
+        with torch.device(args.device):  # initialised where it runs: a 1.1B model is slow to build on CPU
+            model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(n_layer=args.layers, n_positions=max(1024, args.seq))  # n_embd 768, vocab 50257
+        model = GPT2LMHeadModel(config)
+    model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
     task = CausalLMTask(pad_token_id=0)
     g = torch.Generator().manual_seed(1)
     batches = [
-        task.collate([torch.randint(1, config.vocab_size, (args.seq,), generator=g).tolist() for _ in range(args.batch)])
+        task.collate(
+            [torch.randint(1, config.vocab_size, (args.seq,), generator=g).tolist() for _ in range(args.batch)]
+        )
         for _ in range(n_batches)
     ]  # input_ids / attention_mask / labels, each (B, T), no padding
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     return model, task, batches
+
+
+def _on_gpu(args) -> bool:
+    return str(args.device).startswith("cuda")
+
+
+def _synced(step, args):
+    """`step`, followed by a device synchronisation on a GPU so wall times cover the kernels."""
+    if not _on_gpu(args):
+        return step
+
+    def run(*a, **k):
+        out = step(*a, **k)
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def new_logra(model, task):
@@ -175,29 +215,36 @@ def worker(args) -> dict:
     n_batches = args.warmup + (args.paired_reps if args.worker == "paired" else args.reps)
     model, task, batches = build(args, n_batches)
     out = {"method": args.worker, "params": sum(p.numel() for p in model.parameters())}
+    if _on_gpu(args):
+        torch.cuda.synchronize()
+        gpu_base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     if args.worker == "train":
         for p in model.parameters():
             p.requires_grad_(True)
-        times, base, peak, reset = measure(batches, args.warmup, lambda b: train_step(model, task, b))
+        times, base, peak, reset = measure(batches, args.warmup, _synced(lambda b: train_step(model, task, b), args))
     elif args.worker == "capture":
         logra = new_logra(model, task)
         out |= {"D": logra.projection.layout.dim, "layers_tracked": len(logra.projection.layers)}
         with GradientCapture(model, logra.projection, task) as capture:
-            times, base, peak, reset = measure(batches, args.warmup, capture.capture)
+            times, base, peak, reset = measure(batches, args.warmup, _synced(capture.capture, args))
     elif args.worker == "paired":  # alternate train / capture per batch, in alternating order
         logra = new_logra(model, task)
         capture = GradientCapture(model, logra.projection, task)
         train_t, capture_t = [], []
+        sync = torch.cuda.synchronize if _on_gpu(args) else (lambda: None)
 
         def timed_capture(batch):
             with capture:  # freezes parameters while open; entering and leaving is not timed
                 t0 = time.perf_counter()
                 capture.capture(batch)
+                sync()
                 return time.perf_counter() - t0
 
         def timed_train(batch):
             t0 = time.perf_counter()
             train_step(model, task, batch)
+            sync()
             return time.perf_counter() - t0
 
         for i, batch in enumerate(batches):
@@ -208,7 +255,12 @@ def worker(args) -> dict:
             if i >= args.warmup:
                 train_t.append(t_train)
                 capture_t.append(t_capture)
-        return out | {"train_times": train_t, "capture_times": capture_t, "contention": contention(), "pressure": cpu_pressure("avg60")}
+        return out | {
+            "train_times": train_t,
+            "capture_times": capture_t,
+            "contention": contention(),
+            "pressure": cpu_pressure("avg60"),
+        }
     else:  # dense
         logra = new_logra(model, task)
         dim = logra.projection.layout.dim
@@ -238,18 +290,33 @@ def worker(args) -> dict:
             "matrix_bytes": dim * n_total * 4, "per_example": impl["name"],
             "grad_times": [g for g, _ in parts], "slice_times": [s for _, s in parts],
         }  # fmt: skip
-    return out | {"times": times, "peak_delta_mib": (peak - base) / 1024, "peak_reset": reset, "contention": contention(), "pressure": cpu_pressure("avg60")}
+    if _on_gpu(args):
+        out["gpu_peak_delta_mib"] = (torch.cuda.max_memory_allocated() - gpu_base) / MiB
+    return out | {
+        "times": times,
+        "peak_delta_mib": (peak - base) / 1024,
+        "peak_reset": reset,
+        "contention": contention(),
+        "pressure": cpu_pressure("avg60"),
+    }
 
 
 # --------------------------------------------------------------------------- driver
+
 
 def run_worker(method: str, args) -> dict:
     flags = [
         "--layers", str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch), "--warmup", str(args.warmup),
         "--reps", str(args.reps), "--paired-reps", str(args.paired_reps), "--dense-slice", str(args.dense_slice),
         "--dense-slice-repeats", str(args.dense_slice_repeats),
+        "--device", args.device, "--dtype", args.dtype, "--arch", args.arch,
     ]  # fmt: skip
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", method, *flags], check=False, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", method, *flags],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"{method} worker failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -269,7 +336,18 @@ def machine() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-    }
+    } | ({"gpu": torch.cuda.get_device_name(0)} if torch.cuda.is_available() else {})
+
+
+def describe(args) -> str:
+    """The model, as the report names it."""
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    if args.arch == "llama-1b":
+        return (
+            f"`LlamaForCausalLM` TinyLlama shape ({args.layers} layers, hidden 2048, GQA 32/4 heads, vocab 32000), "
+            f"random init, {dtype}"
+        )
+    return f"`GPT2LMHeadModel(GPT2Config(n_layer={args.layers}))`, random init, {dtype}"
 
 
 def _rate(tokens: int, seconds: float) -> str:
@@ -283,7 +361,8 @@ def report(args, runs: dict[str, list[dict]], info: dict) -> str:
     times = {m: [t for r in rs for t in r["times"]] for m, rs in runs.items() if m != "paired"}
     med = {m: statistics.median(t) for m, t in times.items()}
     best = {m: min(t) for m, t in times.items()}
-    peak = {m: max(r["peak_delta_mib"] for r in rs) for m, rs in runs.items() if m != "paired"}
+    peak_key = "gpu_peak_delta_mib" if _on_gpu(args) else "peak_delta_mib"
+    peak = {m: max(r[peak_key] for r in rs) for m, rs in runs.items() if m != "paired"}
     cap = runs["capture"][0]
     labels = {
         "train": "training step (fwd + bwd with weight grads)",
@@ -291,7 +370,8 @@ def report(args, runs: dict[str, list[dict]], info: dict) -> str:
         "dense": "per-example grads + dense projection to the same D (EXTRAPOLATED, see note)",
     }
     rows = [
-        "| method | tokens/s (median) | tokens/s (best) | s / batch (median) | peak RSS rise (MiB) | vs training step (median / best) |",
+        f"| method | tokens/s (median) | tokens/s (best) | s / batch (median) | "
+        f"peak {'GPU memory' if _on_gpu(args) else 'RSS'} rise (MiB) | vs training step (median / best) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
 
@@ -356,7 +436,12 @@ def report(args, runs: dict[str, list[dict]], info: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=12, help="GPT-2 blocks (12 = GPT-2 small)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="blocks (default 12 = GPT-2 small; 22 for --arch llama-1b)"
+    )
+    parser.add_argument("--arch", choices=tuple(ARCH_LAYERS), default="gpt2", help="model shape, random init")
+    parser.add_argument("--device", default="cpu", help="torch device of the model and batches, e.g. cuda")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=4, help="sequences per batch")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per worker")
@@ -366,12 +451,18 @@ def main(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS), help="train,capture[,dense]")
     parser.add_argument("--dense-slice", type=int, default=8192, help="projection columns actually multiplied")
     parser.add_argument("--dense-slice-repeats", type=int, default=3, help="slice matmuls averaged per batch")
-    parser.add_argument("--wait-quiet", type=float, default=0, help="seconds to wait, before each worker, for CPU pressure < 10%%")
+    parser.add_argument(
+        "--wait-quiet", type=float, default=0, help="seconds to wait, before each worker, for CPU pressure < 10%%"
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run; writes nothing by default")
-    parser.add_argument("--output", help=f"results file (default {DEFAULT_OUTPUT.relative_to(ROOT)}, none with --quick)")
+    parser.add_argument(
+        "--output", help=f"results file (default {DEFAULT_OUTPUT.relative_to(ROOT)}, none with --quick)"
+    )
     parser.add_argument("--worker", choices=(*METHODS, "paired"), help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.layers is None:
+        args.layers = ARCH_LAYERS[args.arch]
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -385,7 +476,7 @@ def main(argv=None):
         parser.error("--methods must include train and capture, from train,capture,dense")
     info = machine()
     command = "python " + shlex.join(["benchmarks/capture_throughput.py", *argv])
-    print(f"{command}\n{info}\nGPT-2 shape: {args.layers} layers, n_embd 768, vocab 50257; batch {args.batch} x seq {args.seq}")
+    print(f"{command}\n{info}\n{describe(args)}; batch {args.batch} x seq {args.seq}")
     start, before = time.time(), contention()
     runs = {m: [] for m in [*methods, "paired"]}
     plan = [m for r in range(args.rounds) for m in (["train", "capture"] if r % 2 == 0 else ["capture", "train"])]
@@ -412,23 +503,30 @@ def write_results(path: Path, command: str, info: dict, args, text: str, runs: d
     raw = {m: [[round(t, 4) for t in r["times"]] for r in rs] for m, rs in runs.items() if m != "paired"}
     raw["paired train"] = [[round(t, 4) for t in r["train_times"]] for r in runs["paired"]]
     raw["paired capture"] = [[round(t, 4) for t in r["capture_times"]] for r in runs["paired"]]
+    where = info.get("gpu", args.device) if _on_gpu(args) else "CPU"
+    where += "" if args.dtype == "float32" else f", {args.dtype}"
     body = [
-        "# Capture throughput: LoGra capture vs a training step (CPU)",
+        f"# Capture throughput: LoGra capture vs a training step ({where})",
         "",
         f"Command, from the repository root in the project's virtualenv: `{command}`",
         "",
         (
             f"Date: {date}. Machine: {info['nproc']} CPU cores ({info['cpu']}), {info['memory_gib']} GiB RAM, torch "
             f"{info['torch']} ({info['torch_threads']} threads, the default), transformers {info['transformers']}, "
-            f"Python {info['python']}, {info['platform']}."
+            f"Python {info['python']}, {info['platform']}." + (f" GPU: {info['gpu']}." if "gpu" in info else "")
         ),
         "",
         (
-            f"Model: `GPT2LMHeadModel(GPT2Config(n_layer={args.layers}))`, random init, fp32, eval mode (no dropout in "
+            f"Model: {describe(args)}, eval mode (no dropout in "
             f"any method). Batches: {args.batch} sequences x {args.seq} random tokens, identical in every method; per "
             f"worker {args.warmup} warm-up then {args.reps} timed batches ({args.paired_reps} in the paired worker), "
-            f"{args.rounds} fresh workers per method, interleaved. tokens/s counts batch x seq input tokens. Peak RSS "
-            "rise: VmHWM (reset after setup) minus RSS after setup, per fresh process."
+            f"{args.rounds} fresh workers per method, interleaved. tokens/s counts batch x seq input tokens. "
+            + (
+                "Peak GPU memory rise: torch.cuda.max_memory_allocated minus the allocation after setup, per fresh "
+                "process."
+                if _on_gpu(args)
+                else "Peak RSS rise: VmHWM (reset after setup) minus RSS after setup, per fresh process."
+            )
         ),
         "",
         text,
@@ -441,7 +539,31 @@ def write_results(path: Path, command: str, info: dict, args, text: str, runs: d
         "```",
         "",
     ]
-    path.write_text("\n".join(body))
+    path.write_text("\n".join(body) + "".join(f"\n{block}\n" for block in _sections(path)))
+
+
+# --------------------------------------------------------------------------- sections of other benchmarks
+
+
+def _sections(path: Path) -> list[str]:
+    """The `<!-- section NAME -->` ... `<!-- end NAME -->` blocks other benchmarks keep in `path`
+    (trainer_callback_overhead.py, long_sequences.py, gpu_check.sh), so rewriting this file's own
+    results keeps them."""
+    import re
+
+    text = path.read_text() if path.exists() else ""
+    return [m.group(0) for m in re.finditer(r"<!-- section (\S+) -->.*?<!-- end \1 -->", text, flags=re.S)]
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace (or append) the block `name` of `path`, leaving everything else as it is."""
+    import re
+
+    block = f"<!-- section {name} -->\n{text.strip()}\n<!-- end {name} -->"
+    old = path.read_text() if path.exists() else ""
+    pattern = re.compile(rf"<!-- section {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", flags=re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,17 @@ import os
 import tempfile
 from pathlib import Path
 
-ASSETS = ("training_corpus", "model_checkpoint", "token_shards", "gradient_projection", "projected_gradients",
-          "hessian_factors", "valuation_queries", "influence_scores", "provider_valuations")
+ASSETS = (
+    "training_corpus",
+    "model_checkpoint",
+    "token_shards",
+    "gradient_projection",
+    "projected_gradients",
+    "hessian_factors",
+    "valuation_queries",
+    "influence_scores",
+    "provider_valuations",
+)
 SETTINGS = """
 [model]
 train_steps = {steps}
@@ -49,9 +58,9 @@ def run_once(fraction: float, rank: int, steps: int) -> dict:
         os.environ["DATAWORTH_SETTINGS"] = str(settings_file)
         import dagster as dg
 
+        from domain.settings import Settings
         from domain.staging import plan_landing
         from pipelines.definitions import build_definitions
-        from domain.settings import Settings
         from resources.delta import DeltaStore
 
         landing = Path(home) / "landing"
@@ -62,10 +71,16 @@ def run_once(fraction: float, rank: int, steps: int) -> dict:
         shards = plan_landing(landing, settings.corpus.docs_per_shard).shard_ids
         instance.add_dynamic_partitions("shards", shards)
         job = build_definitions(settings).resolve_job_def("valuation")
-        result = job.execute_in_process(instance=instance, tags={
-            "dagster/asset_partition_range_start": shards[0], "dagster/asset_partition_range_end": shards[-1]})
+        result = job.execute_in_process(
+            instance=instance,
+            tags={"dagster/asset_partition_range_start": shards[0], "dagster/asset_partition_range_end": shards[-1]},
+        )
         assert result.success
-        seconds = {e.step_key: e.event_specific_data.duration_ms / 1000 for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
+        seconds = {
+            e.step_key: e.event_specific_data.duration_ms / 1000
+            for e in result.all_events
+            if e.event_type_value == "STEP_SUCCESS"
+        }
         tokens = int(DeltaStore().read("token_shards", columns=["n_tokens"])["n_tokens"].sum())
     return {"fraction": fraction, "rank": rank, "documents": documents, "tokens": tokens, "seconds": seconds}
 
@@ -83,10 +98,17 @@ def main() -> None:
     print(header + "\n|" + "---:|" * (header.count("|") - 1))
     for r in runs:
         cells = [f"{r['seconds'].get(a, 0):.1f}" for a in ASSETS]
-        print(f"| {r['fraction']:.0%} ({r['documents']} docs) | {r['rank']} | {r['tokens']:,} | " + " | ".join(cells)
-              + f" | {sum(r['seconds'].values()):.1f} |")
-    print("\nseconds per asset step; capture tokens/s: " + ", ".join(
-        f"{r['fraction']:.0%}/r{r['rank']}: {r['tokens'] / r['seconds']['projected_gradients']:,.0f}" for r in runs))
+        print(
+            f"| {r['fraction']:.0%} ({r['documents']} docs) | {r['rank']} | {r['tokens']:,} | "
+            + " | ".join(cells)
+            + f" | {sum(r['seconds'].values()):.1f} |"
+        )
+    print(
+        "\nseconds per asset step; capture tokens/s: "
+        + ", ".join(
+            f"{r['fraction']:.0%}/r{r['rank']}: {r['tokens'] / r['seconds']['projected_gradients']:,.0f}" for r in runs
+        )
+    )
     Path(tempfile.gettempdir(), "pipeline_scaling.json").write_text(json.dumps(runs))
 
 

@@ -33,8 +33,24 @@ from resources.tracking import MlflowTracker
 KINDS = ("identity", "raw", "kfac", "ekfac")
 # Public tools run on the same model, data and queries (quality_<name>.py); their rows' params.
 ANCHORS = {
-    "kronfluence": {"method": "kronfluence", "init": "none", "rank": "full", "kind": "ekfac", "fisher": "sampled", "damping": 0.1, "normalize": "none"},
-    "trak": {"method": "trak", "init": "dense random", "rank": "512 total", "kind": "raw, whole model", "fisher": "empirical", "damping": 0.1, "normalize": "none"},
+    "kronfluence": {
+        "method": "kronfluence",
+        "init": "none",
+        "rank": "full",
+        "kind": "ekfac",
+        "fisher": "sampled",
+        "damping": 0.1,
+        "normalize": "none",
+    },
+    "trak": {
+        "method": "trak",
+        "init": "dense random",
+        "rank": "512 total",
+        "kind": "raw, whole model",
+        "fisher": "empirical",
+        "damping": 0.1,
+        "normalize": "none",
+    },
 }
 
 
@@ -51,8 +67,16 @@ def grid(quick: bool) -> list[tuple[ProjectionConfig, list[tuple[CurvatureConfig
             configs += [(CurvatureConfig(), n) for n in ("relatif", "cosine")]
             out.append((ProjectionConfig(rank_in=r, rank_out=r, init=init, exclude=("lm_head",)), configs))
     if not quick:  # no projection: D_l = n_in n_out, too large for raw / EK-FAC second moments
-        full = [(CurvatureConfig(kind="identity"), "none"), *[(CurvatureConfig(kind="kfac", damping=d), "none") for d in dampings]]
-        out.append((ProjectionConfig(init="identity", exclude=("lm_head",)), [*full, (CurvatureConfig(kind="kfac", fisher="sampled"), "none")]))
+        full = [
+            (CurvatureConfig(kind="identity"), "none"),
+            *[(CurvatureConfig(kind="kfac", damping=d), "none") for d in dampings],
+        ]
+        out.append(
+            (
+                ProjectionConfig(init="identity", exclude=("lm_head",)),
+                [*full, (CurvatureConfig(kind="kfac", fisher="sampled"), "none")],
+            )
+        )
     return out
 
 
@@ -61,14 +85,26 @@ BRITTLE_RANK = {True: 8, False: 16}  # quick -> the rank whose configurations ge
 
 def is_brittle_probe(rank: int | str, curvature: CurvatureConfig, normalize: str, quick: bool) -> bool:
     """Brittleness retrains per configuration: only at one rank, the default damping, empirical Fisher, no normalisation."""
-    return rank in (BRITTLE_RANK[quick], "full") and curvature.damping == CurvatureConfig().damping and curvature.fisher == "empirical" and normalize == "none"
+    return (
+        rank in (BRITTLE_RANK[quick], "full")
+        and curvature.damping == CurvatureConfig().damping
+        and curvature.fisher == "empirical"
+        and normalize == "none"
+    )
 
 
 def default_params() -> dict:
     """The configuration the pipeline runs by default, as a results row's params."""
     s = Settings()
-    return {"method": "dataworth", "init": s.projection.init, "rank": s.projection.rank_in, "kind": s.curvature.kind,
-            "fisher": s.curvature.fisher, "damping": s.curvature.damping, "normalize": s.scores.normalize}
+    return {
+        "method": "dataworth",
+        "init": s.projection.init,
+        "rank": s.projection.rank_in,
+        "kind": s.curvature.kind,
+        "fisher": s.curvature.fisher,
+        "damping": s.curvature.damping,
+        "normalize": s.scores.normalize,
+    }
 
 
 def main() -> None:
@@ -80,11 +116,15 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=sorted(ANCHORS), help="public tools not to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mlflow-uri", default=f"sqlite:///{quality_data.CACHE / 'mlflow.db'}")
-    parser.add_argument("--output", default=None, help="results file (default benchmarks/RESULTS.md; none with --quick)")
+    parser.add_argument(
+        "--output", default=None, help="results file (default benchmarks/RESULTS.md; none with --quick)"
+    )
     args = parser.parse_args()
     started = time.time()
     log = lambda msg: print(f"[{time.time() - started:6.0f}s] {msg}", flush=True)
-    retrain = Q.RetrainConfig(subsets=args.subsets or (8 if args.quick else 24), seeds=2, epochs=2, lr=1e-3, batch_size=8, seed=args.seed)
+    retrain = Q.RetrainConfig(
+        subsets=args.subsets or (8 if args.quick else 24), seeds=2, epochs=2, lr=1e-3, batch_size=8, seed=args.seed
+    )
 
     bench, model, tokenizer = quality_data.build(seed=args.seed, log=log)
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=args.seed)
@@ -92,7 +132,9 @@ def main() -> None:
     log(f"{n} training sequences, {n_q} queries, {len(bench.providers)} providers")
 
     masks = Q.subset_masks(n, retrain.subsets, retrain.fraction, retrain.seed)
-    losses = Q.retrain_losses(model, task, bench.train, bench.queries, masks, retrain, progress=lambda j, m: log(f"subset {j}/{m} retrained"))
+    losses = Q.retrain_losses(
+        model, task, bench.train, bench.queries, masks, retrain, progress=lambda j, m: log(f"subset {j}/{m} retrained")
+    )
     agreement = Q.finite_mean(Q.seed_agreement(losses))
     log(f"seed-to-seed agreement {agreement:.3f}")
     if not agreement > 0.3:
@@ -101,7 +143,9 @@ def main() -> None:
     brittle_q = torch.linspace(0, n_q - 1, args.brittle_queries).round().long().tolist()
     full = Q.retrain_losses(model, task, bench.train, bench.queries, Q.removal_masks(n, [[]]), retrain)
     randoms = Q.random_removals(n, args.brittle_k, len(brittle_q), retrain.seed)
-    random_inc = Q.removal_increase(Q.retrain_losses(model, task, bench.train, bench.queries, Q.removal_masks(n, randoms), retrain), full, brittle_q)
+    random_inc = Q.removal_increase(
+        Q.retrain_losses(model, task, bench.train, bench.queries, Q.removal_masks(n, randoms), retrain), full, brittle_q
+    )
     log(f"random removal of {args.brittle_k}: mean query loss increase {random_inc.mean():.3f}")
 
     def evaluate(scores: torch.Tensor, brittle: bool) -> tuple[dict[str, float], torch.Tensor]:
@@ -112,12 +156,26 @@ def main() -> None:
         metrics["provider_acc"] = Q.provider_accuracy(sums, torch.tensor(bench.query_providers))
         if brittle:
             top = [scores[:, q].topk(args.brittle_k).indices.tolist() for q in brittle_q]
-            inc = Q.removal_increase(Q.retrain_losses(model, task, bench.train, bench.queries, Q.removal_masks(n, top), retrain), full, brittle_q)
-            metrics |= {"topk_increase": float(inc.mean()), "random_increase": float(random_inc.mean()), "topk_beats_random": float((inc > random_inc).double().mean())}
+            inc = Q.removal_increase(
+                Q.retrain_losses(model, task, bench.train, bench.queries, Q.removal_masks(n, top), retrain),
+                full,
+                brittle_q,
+            )
+            metrics |= {
+                "topk_increase": float(inc.mean()),
+                "random_increase": float(random_inc.mean()),
+                "topk_beats_random": float((inc > random_inc).double().mean()),
+            }
         return metrics, per_query
 
     tracker = MlflowTracker(tracking_uri=args.mlflow_uri, experiment="dataworth-quality")
-    common = {"subsets": retrain.subsets, "seeds": retrain.seeds, "train": n, "queries": n_q, "seed_agreement": round(agreement, 4)}
+    common = {
+        "subsets": retrain.subsets,
+        "seeds": retrain.seeds,
+        "train": n,
+        "queries": n_q,
+        "seed_agreement": round(agreement, 4),
+    }
     rows = []
 
     def record(name: str, params: dict, evaluated: tuple[dict, torch.Tensor]) -> None:
@@ -130,11 +188,26 @@ def main() -> None:
     for projection, configs in grid(args.quick):
         full_rank = projection.init == "identity"
         rank = "full" if full_rank else projection.rank_in
-        gradients = Q.capture(model, task, bench.train, bench.queries, projection, fishers=("empirical", "sampled"), second_moment=not full_rank)
+        gradients = Q.capture(
+            model,
+            task,
+            bench.train,
+            bench.queries,
+            projection,
+            fishers=("empirical", "sampled"),
+            second_moment=not full_rank,
+        )
         for curvature, normalize in configs:
             scores = Q.score_matrix(gradients, curvature, normalize)
-            params = {"method": "dataworth", "init": projection.init, "rank": rank, "kind": curvature.kind,
-                      "fisher": curvature.fisher, "damping": curvature.damping, "normalize": normalize}
+            params = {
+                "method": "dataworth",
+                "init": projection.init,
+                "rank": rank,
+                "kind": curvature.kind,
+                "fisher": curvature.fisher,
+                "damping": curvature.damping,
+                "normalize": normalize,
+            }
             name = "-".join(str(v) for v in params.values())
             record(name, params, evaluate(scores, is_brittle_probe(rank, curvature, normalize, args.quick)))
 
@@ -143,7 +216,9 @@ def main() -> None:
             continue
         try:
             anchor = importlib.import_module(f"quality_{name}")
-            scores = anchor.scores(model, task, bench.train, bench.queries, quality_data.CACHE / name, quality_data.SEQ_LEN)
+            scores = anchor.scores(
+                model, task, bench.train, bench.queries, quality_data.CACHE / name, quality_data.SEQ_LEN
+            )
         except ImportError as error:
             log(f"{name} skipped (not installed, see benchmarks/README.md): {error}")
             continue
@@ -158,7 +233,11 @@ def main() -> None:
 def write_results(path: Path, rows, common, retrain, args, seconds: float) -> None:
     """Write the "## Attribution quality" section of `path` (other sections are kept)."""
     command = "python " + " ".join(["benchmarks/quality.py", *sys.argv[1:]])
-    noise = "" if common["seed_agreement"] > 0.3 else " **The ground truth is mostly retraining noise: LDS values below are not evidence.**"
+    noise = (
+        ""
+        if common["seed_agreement"] > 0.3
+        else " **The ground truth is mostly retraining noise: LDS values below are not evidence.**"
+    )
     setup = (
         f"Command: `{command}` ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min, "
         f"{platform.machine()} {platform.system()}, nproc={os.cpu_count()}, torch {torch.__version__}).\n\n"
@@ -169,7 +248,8 @@ def write_results(path: Path, rows, common, retrain, args, seconds: float) -> No
         f"LDS: {retrain.subsets} subsets of half the training set x {retrain.seeds} seeds, fine-tuned from the base "
         f"({retrain.epochs} epochs, AdamW lr {retrain.lr}, batch {retrain.batch_size}); Spearman per query, mean over queries, "
         "with a 95% percentile bootstrap interval over queries (2000 resamples). `LDS - default` is the mean per-query "
-        "difference from the pipeline's default configuration (" + ", ".join(f"{k} {v}" for k, v in default_params().items() if k != "method")
+        "difference from the pipeline's default configuration ("
+        + ", ".join(f"{k} {v}" for k, v in default_params().items() if k != "method")
         + "), with a paired bootstrap interval: an interval that excludes 0 is a difference the queries support. "
         "Seed-to-seed agreement (Spearman of the two seeds' losses across subsets, mean over queries): "
         f"**{common['seed_agreement']:.3f}**.{noise}\n\n"
@@ -181,7 +261,10 @@ def write_results(path: Path, rows, common, retrain, args, seconds: float) -> No
     )
     default = next((q for p, _, q in rows if p == default_params()), None)
     lines = [
-        "## Attribution quality", "", setup, "",
+        "## Attribution quality",
+        "",
+        setup,
+        "",
         "| method | init | rank | kind | fisher | damping | normalize | LDS [95% CI] | LDS - default [95% CI] | provider id | topk_inc | rand_inc | beats |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -194,7 +277,12 @@ def write_results(path: Path, rows, common, retrain, args, seconds: float) -> No
             diff = per_query - default
             low, high = Q.mean_interval(diff)
             versus = f"{Q.finite_mean(diff):+.3f} [{low:+.2f}, {high:+.2f}]"
-        cells = [p[k] for k in ("method", "init", "rank", "kind", "fisher", "damping", "normalize")] + [lds, versus, f"{m['provider_acc']:.2f}", *b]
+        cells = [p[k] for k in ("method", "init", "rank", "kind", "fisher", "damping", "normalize")] + [
+            lds,
+            versus,
+            f"{m['provider_acc']:.2f}",
+            *b,
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     head, marker, tail = text.partition("## Attribution quality")

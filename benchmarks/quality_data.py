@@ -43,7 +43,12 @@ class Benchmark:
 
 
 def load_documents() -> pl.DataFrame:
-    rows = [json.loads(line) for path in sorted(CORPUS.glob("*.jsonl")) for line in path.read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for path in sorted(CORPUS.glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
     return pl.DataFrame(rows).select("doc_id", "provider_id", "text").with_columns(batch_id=pl.lit("b0"))
 
 
@@ -90,13 +95,23 @@ def build(seed: int = 0, train_per_provider: int = 30, query_docs: int = 2, prom
             taken += len(ids)
     pretrain = [list(x) for x in rest.filter(pl.col("doc_id").is_in(sorted(pretrain_docs)))["input_ids"].to_list()]
     queries, query_providers = [], []
-    q = tokenize_corpus(query_docs_df, tokenizer, SEQ_LEN).filter(pl.col("token_start") == 0, pl.col("n_tokens") > prompt_tokens + 8)
+    q = tokenize_corpus(query_docs_df, tokenizer, SEQ_LEN).filter(
+        pl.col("token_start") == 0, pl.col("n_tokens") > prompt_tokens + 8
+    )
     for row in q.iter_rows(named=True):
         queries.append((list(row["input_ids"]), prompt_tokens))
         query_providers.append(providers.index(row["provider_id"]))
     if model is None:
         log(f"pre-training the base model on {len(pretrain)} sequences ({PRETRAIN['steps']} steps)")
-        model = train_tiny_gpt2(pretrain, tokenizer, MODEL, steps=PRETRAIN["steps"], batch_size=PRETRAIN["batch_size"], lr=PRETRAIN["lr"], seed=seed)
+        model = train_tiny_gpt2(
+            pretrain,
+            tokenizer,
+            MODEL,
+            steps=PRETRAIN["steps"],
+            batch_size=PRETRAIN["batch_size"],
+            lr=PRETRAIN["lr"],
+            seed=seed,
+        )
         save_checkpoint(model, tokenizer, folder)
         model, tokenizer, _ = load_checkpoint(folder)
     return Benchmark(providers, train, train_providers, queries, query_providers, pretrain), model, tokenizer

@@ -43,13 +43,16 @@ def scores(model: nn.Module, task: CausalLMTask, train, queries, output_dir: Pat
     from kronfluence.task import Task
 
     def pad(examples):
-        return [(ids + [task.pad_token_id] * (seq_len - len(ids)), n) for ids, n in (e if isinstance(e, tuple) else (e, 0) for e in examples)]
+        return [
+            (ids + [task.pad_token_id] * (seq_len - len(ids)), n)
+            for ids, n in (e if isinstance(e, tuple) else (e, 0) for e in examples)
+        ]
 
     def fix_labels(dataset, examples):  # padded positions are not targets
         for row, e in zip(dataset.rows, examples):
             ids, _ = e if isinstance(e, tuple) else (e, 0)
-            row["attention_mask"][len(ids):] = 0
-            row["labels"][len(ids):] = -100
+            row["attention_mask"][len(ids) :] = 0
+            row["labels"][len(ids) :] = -100
         return dataset
 
     linear = conv1d_to_linear(model).eval()
@@ -74,10 +77,24 @@ def scores(model: nn.Module, task: CausalLMTask, train, queries, output_dir: Pat
     query_ds = fix_labels(_Examples(task, pad(queries)), queries)
     lm_task = LMTask()
     prepared = prepare_model(linear, lm_task)
-    analyzer = Analyzer(analysis_name="quality", model=prepared, task=lm_task, cpu=True, output_dir=str(output_dir), disable_tqdm=True)
-    analyzer.fit_all_factors("ekfac", train_ds, factor_args=FactorArguments(strategy="ekfac"), per_device_batch_size=16, overwrite_output_dir=True)
+    analyzer = Analyzer(
+        analysis_name="quality", model=prepared, task=lm_task, cpu=True, output_dir=str(output_dir), disable_tqdm=True
+    )
+    analyzer.fit_all_factors(
+        "ekfac",
+        train_ds,
+        factor_args=FactorArguments(strategy="ekfac"),
+        per_device_batch_size=16,
+        overwrite_output_dir=True,
+    )
     analyzer.compute_pairwise_scores(
-        "pairwise", "ekfac", query_ds, train_ds, per_device_query_batch_size=len(queries),
-        per_device_train_batch_size=32, score_args=ScoreArguments(), overwrite_output_dir=True,
+        "pairwise",
+        "ekfac",
+        query_ds,
+        train_ds,
+        per_device_query_batch_size=len(queries),
+        per_device_train_batch_size=32,
+        score_args=ScoreArguments(),
+        overwrite_output_dir=True,
     )
     return analyzer.load_pairwise_scores("pairwise")["all_modules"].T.float()  # (Q, N) -> (N, Q)

@@ -42,7 +42,9 @@ class SummedLogProb(AbstractModelOutput):
     @staticmethod
     def get_output(model, weights, buffers, input_ids, attention_mask, labels) -> torch.Tensor:
         """Scalar f for one example: input_ids, attention_mask, labels (T,) as from task.collate."""
-        logits = torch.func.functional_call(model, (weights, buffers), (input_ids[None],), {"attention_mask": attention_mask[None]}).logits
+        logits = torch.func.functional_call(
+            model, (weights, buffers), (input_ids[None],), {"attention_mask": attention_mask[None]}
+        ).logits
         return -F.cross_entropy(logits[0, :-1].float(), labels[1:], ignore_index=IGNORE, reduction="sum")
 
     def get_out_to_loss_grad(self, model, weights, buffers, batch) -> torch.Tensor:
@@ -50,7 +52,16 @@ class SummedLogProb(AbstractModelOutput):
         return torch.ones(len(batch[0]), 1)
 
 
-def scores(model: nn.Module, task: CausalLMTask, train, queries, output_dir: Path, seq_len: int, proj_dim: int = 512, seed: int = 0) -> torch.Tensor:
+def scores(
+    model: nn.Module,
+    task: CausalLMTask,
+    train,
+    queries,
+    output_dir: Path,
+    seq_len: int,
+    proj_dim: int = 512,
+    seed: int = 0,
+) -> torch.Tensor:
     """(N, Q) TRAK scores with our sign convention (positive: the training example lowers the query's
     loss). `seq_len` only bounds example length, as in quality_kronfluence.scores."""
     if max(len(e[0] if isinstance(e, tuple) else e) for e in [*train, *queries]) > seq_len:
@@ -62,8 +73,16 @@ def scores(model: nn.Module, task: CausalLMTask, train, queries, output_dir: Pat
     n_params = sum(p.numel() for p in eager.parameters())
     # >= 2 blocks: TRAK frees the projection after finalize_features and regenerates it only when blocked
     projector = BasicProjector(n_params, proj_dim, seed, ProjectionType.normal, "cpu", block_size=-(-proj_dim // 4))
-    traker = TRAKer(model=eager, task=SummedLogProb(), train_set_size=len(train), save_dir=str(save_dir), device="cpu",
-                    projector=projector, use_half_precision=False, logging_level=logging.WARNING)
+    traker = TRAKer(
+        model=eager,
+        task=SummedLogProb(),
+        train_set_size=len(train),
+        save_dir=str(save_dir),
+        device="cpu",
+        projector=projector,
+        use_half_precision=False,
+        logging_level=logging.WARNING,
+    )
 
     def batches(examples):
         for start in range(0, len(examples), BATCH):

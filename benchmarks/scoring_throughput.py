@@ -17,9 +17,9 @@ import time
 import polars as pl
 import torch
 
-from resources.codecs import binary_to_gradients, gradients_to_binary
 from dataworth import Curvature, CurvatureConfig, CurvatureStatistics, InfluenceScorer
 from dataworth.projection import GradientLayout
+from resources.codecs import binary_to_gradients, gradients_to_binary
 from resources.delta import DeltaStore
 
 LAYERS = 8  # the embedded GPT-2: 2 blocks x (c_attn, c_proj, c_fc, mlp.c_proj)
@@ -30,13 +30,22 @@ def make_table(store: DeltaStore, n: int, dim: int, shards: int) -> None:
     per_shard = n // shards
     for s in range(shards):
         grads = torch.randn(per_shard, dim, generator=g)
-        frame = pl.DataFrame({
-            "shard_id": [f"s{s:03d}"] * per_shard,
-            "seq_id": [f"s{s:03d}:{i:06d}" for i in range(per_shard)],
-            "doc_id": [f"d{(s * per_shard + i) // 8}" for i in range(per_shard)],
-            "provider_id": [f"p{s % 10}" for _ in range(per_shard)],
-        }).with_columns(gradient=gradients_to_binary(grads))
-        store.write("grads", frame, mode="overwrite", partition_by=["shard_id"], replace_where={"shard_id": f"s{s:03d}"}, metadata={})
+        frame = pl.DataFrame(
+            {
+                "shard_id": [f"s{s:03d}"] * per_shard,
+                "seq_id": [f"s{s:03d}:{i:06d}" for i in range(per_shard)],
+                "doc_id": [f"d{(s * per_shard + i) // 8}" for i in range(per_shard)],
+                "provider_id": [f"p{s % 10}" for _ in range(per_shard)],
+            }
+        ).with_columns(gradient=gradients_to_binary(grads))
+        store.write(
+            "grads",
+            frame,
+            mode="overwrite",
+            partition_by=["shard_id"],
+            replace_where={"shard_id": f"s{s:03d}"},
+            metadata={},
+        )
 
 
 def read_blocks(store: DeltaStore, shards: int):
@@ -73,8 +82,15 @@ def measure(n: int, rank: int, n_queries: int, shards: int) -> dict:
         started = time.perf_counter()
         scorer.stream(read_blocks(store, shards), top_k=10, groups={"doc": docs, "provider": providers})
         score_s = time.perf_counter() - started
-    return {"rows": rows, "rank": rank, "dim": layout.dim, "read_rows_s": rows / read_s, "score_rows_s": rows / score_s,
-            "ratio": read_s and score_s / read_s, "table_mb": rows * layout.dim * 4 / 2**20}
+    return {
+        "rows": rows,
+        "rank": rank,
+        "dim": layout.dim,
+        "read_rows_s": rows / read_s,
+        "score_rows_s": rows / score_s,
+        "ratio": read_s and score_s / read_s,
+        "table_mb": rows * layout.dim * 4 / 2**20,
+    }
 
 
 def main() -> None:
@@ -85,13 +101,18 @@ def main() -> None:
     sizes = [2_000, 4_000] if args.quick else [10_000, 20_000, 40_000]
     ranks = [8] if args.quick else [8, 16, 32]
     measure(1_000, ranks[0], args.queries, shards=2)  # warm-up: imports, kernels, Delta log cache
-    print(f"| rows | rank/side | D | table MiB | read rows/s | score rows/s ({args.queries} queries) | score time / read time |")
+    print(
+        f"| rows | rank/side | D | table MiB | read rows/s | score rows/s ({args.queries} queries) | score time / read time |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for rank in ranks:
         for n in sizes if rank == 16 or args.quick else sizes[-1:]:
             r = measure(n, rank, args.queries, shards=10)
-            print(f"| {r['rows']} | {r['rank']} | {r['dim']} | {r['table_mb']:.0f} | {r['read_rows_s']:,.0f} | "
-                  f"{r['score_rows_s']:,.0f} | {r['ratio']:.2f} |", flush=True)
+            print(
+                f"| {r['rows']} | {r['rank']} | {r['dim']} | {r['table_mb']:.0f} | {r['read_rows_s']:,.0f} | "
+                f"{r['score_rows_s']:,.0f} | {r['ratio']:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ QUERIES = [
 def check_license(dist: md.Distribution, spdx: str) -> None:
     """Fail unless both the metadata and the licence file confirm the expected licence."""
     meta = dist.metadata
-    words = " ".join([meta.get("License-Expression") or "", meta.get("License") or ""]
-                     + (meta.get_all("Classifier") or []))
+    words = " ".join(
+        [meta.get("License-Expression") or "", meta.get("License") or ""] + (meta.get_all("Classifier") or [])
+    )
     if METADATA_MARKERS[spdx] not in words:
         raise SystemExit(f"{dist.name}: metadata does not say {spdx}")
     if LICENSE_MARKERS[spdx] not in license_text(dist):
@@ -103,7 +104,8 @@ def license_text(dist: md.Distribution) -> str:
     for f in sorted(dist.files or [], key=str):
         p = PurePosixPath(str(f))
         in_dist_info = p.parts[0].endswith(".dist-info") and (
-            len(p.parts) == 2 or (len(p.parts) == 3 and p.parts[1] == "licenses"))
+            len(p.parts) == 2 or (len(p.parts) == 3 and p.parts[1] == "licenses")
+        )
         if in_dist_info and p.name.upper().startswith(("LICENSE", "LICENCE", "NOTICE", "COPYING")):
             body = Path(dist.locate_file(f)).read_text(encoding="utf-8")
             parts.append(f"==== {p.name} ({dist.name} {dist.version}) ====\n\n{body.strip()}\n")
@@ -164,11 +166,12 @@ def truncate(text: str, limit: int = MAX_DOC_CHARS) -> str:
     cut = head.rfind("\n\n")
     if cut < limit // 2:
         cut = head.rfind("\n")
-    return head[:cut if cut > 0 else limit].rstrip()
+    return head[: cut if cut > 0 else limit].rstrip()
 
 
 def is_prose(text: str) -> bool:
-    """Heuristic for .txt files: most lines contain spaces (not data or name lists), few are # comments (build files)."""
+    """Heuristic for .txt files: most lines contain spaces (not data or name lists), few are # comments
+    (build files)."""
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     spaced = sum(" " in line for line in lines)
     comments = sum(line.startswith("#") for line in lines)
@@ -201,7 +204,10 @@ def select(docs: list[dict]) -> list[dict]:
     (alphabetical) subpackages, while staying fully deterministic.
     """
     chosen, used = [], 0
-    order = lambda d: (d["doc_id"].endswith(".py"), hashlib.sha256(d["doc_id"].encode()).hexdigest())
+
+    def order(d):
+        return d["doc_id"].endswith(".py"), hashlib.sha256(d["doc_id"].encode()).hexdigest()
+
     for doc in sorted(docs, key=order):  # prose files (.md/.rst/.txt) first, then docstrings
         size = len(doc["text"].encode("utf-8"))
         if used + size <= MAX_PROVIDER_BYTES:
@@ -220,9 +226,15 @@ def build_provider(provider_id: str, spdx: str, seen_texts: set[str]) -> tuple[m
         if text is None or text in seen_texts:
             continue
         seen_texts.add(text)
-        docs.append({"provider_id": provider_id, "doc_id": str(path), "text": text,
-                     "source_uri": f"pypi:{dist.metadata['Name']}=={dist.version}#{path}",
-                     "license": spdx})
+        docs.append(
+            {
+                "provider_id": provider_id,
+                "doc_id": str(path),
+                "text": text,
+                "source_uri": f"pypi:{dist.metadata['Name']}=={dist.version}#{path}",
+                "license": spdx,
+            }
+        )
     print(f"{provider_id}: {len(docs)} candidate documents, {sum(len(d['text']) for d in docs):,} chars")
     return dist, select(docs)
 

@@ -1,8 +1,11 @@
 """dataworth: LoGra influence functions for valuing the training data of language models.
 
-Pure PyTorch; no Dagster. See `dataworth.logra.LoGra` for the front door.
+Pure PyTorch; no Dagster. See `dataworth.logra.LoGra` for the front door, `dataworth.adapters` for
+LoRA adapters and `dataworth.trainer` (imported on its own: it imports transformers) for valuation
+from a training loop.
 """
 
+from dataworth.adapters import lora_include, lora_layers, lora_projection_config
 from dataworth.capture import BatchCapture, GradientCapture
 from dataworth.config import CurvatureConfig, ProjectionConfig
 from dataworth.curvature import Curvature, Preconditioner
@@ -15,8 +18,28 @@ from dataworth.statistics import CurvatureStatistics
 from dataworth.task import CausalLMTask, Task, batches
 
 __all__ = [
-    "BatchCapture", "CausalLMTask", "ConfigError", "Curvature", "CurvatureConfig", "CurvatureStatistics",
-    "DataworthError", "GradientCapture", "GradientLayout", "InfluenceResult", "InfluenceScorer", "LayerSpec",
-    "LoGra", "MismatchError", "NonFiniteError", "Preconditioner", "Projection", "ProjectionConfig", "Task",
-    "batches", "find_layers",
+    "BatchCapture",
+    "CausalLMTask",
+    "ConfigError",
+    "Curvature",
+    "CurvatureConfig",
+    "CurvatureStatistics",
+    "DataworthError",
+    "GradientCapture",
+    "GradientLayout",
+    "InfluenceResult",
+    "InfluenceScorer",
+    "LayerSpec",
+    "LoGra",
+    "MismatchError",
+    "NonFiniteError",
+    "Preconditioner",
+    "Projection",
+    "ProjectionConfig",
+    "Task",
+    "batches",
+    "find_layers",
+    "lora_include",
+    "lora_layers",
+    "lora_projection_config",
 ]

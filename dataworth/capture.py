@@ -2,7 +2,7 @@
 
 Per layer and token t: u_t = P_in x_t (k_in), v_t = P_out g_t (k_out), and example b's projected
 gradient is G_b = sum_t v_t u_t^T (k_out x k_in) = P_out dW_b P_in^T. The weight gradient dW_b is
-never formed.
+never formed. Occurrences of an embedding's padding_idx get v_t = 0: PyTorch gives that row no gradient.
 """
 
 from dataclasses import dataclass
@@ -12,7 +12,7 @@ from torch import nn
 
 from dataworth.errors import ConfigError, NonFiniteError
 from dataworth.hooks import LayerHooks
-from dataworth.layers import LayerSpec
+from dataworth.layers import LayerSpec, embedding_padding
 from dataworth.projection import Projection
 from dataworth.task import Task
 
@@ -22,9 +22,10 @@ class BatchCapture:
     """What one batch's capture yields."""
 
     gradients: torch.Tensor  # (B, D) float32 projected per-example gradients, layout order
-    inputs: dict[str, torch.Tensor]  # layer -> (B, T, k_in) float32 projected inputs u
-    output_grads: dict[str, torch.Tensor]  # layer -> (B, T, k_out) float32 projected output grads v
-    mask: torch.Tensor  # (B, T) bool: tokens counted in activation statistics
+    inputs: dict[str, torch.Tensor]  # layer -> (B, T_l, k_in) float32 projected inputs u
+    output_grads: dict[str, torch.Tensor]  # layer -> (B, T_l, k_out) float32 projected output grads v
+    masks: dict[str, torch.Tensor]  # layer -> (B, T_l) bool: its tokens counted in statistics (layer_masks)
+    tokens: int  # tokens the task counts: its mask's sum, else B x the most positions any layer sees
 
 
 def _with_ones(x: torch.Tensor) -> torch.Tensor:
@@ -32,13 +33,36 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
-def _token_mask(task: Task, batch: dict, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T) bool; every token when the task does not say, with T taken from the layers' inputs."""
-    mask = task.token_mask(batch)
-    if mask is not None:
-        return mask.bool()
-    widest = max(inputs.values(), key=lambda u: u.shape[0])
-    return torch.ones(widest.shape[:2], dtype=torch.bool, device=widest.device)
+def layer_masks(
+    task_mask: torch.Tensor | None, inputs: dict[str, torch.Tensor], keep: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """layer -> (B, T_l) bool: the tokens counted in that layer's activation statistics.
+
+    task_mask: (B, T) or None (every token); inputs: layer -> (B, T_l, ...) or ids (B, T_l). A layer
+    that sees the task's T positions uses the task's mask; a layer that sees another number (a pooled
+    head, T_l = 1) counts all its positions. `keep` (layer -> (B, T_l) bool) drops the occurrences of
+    an embedding's padding_idx, which carry no weight gradient.
+    """
+    masks = {}
+    for name, x in inputs.items():
+        shape = tuple(x.shape[:2])
+        if task_mask is not None and tuple(task_mask.shape) == shape:
+            mask = task_mask.bool().to(x.device)
+        else:
+            mask = torch.ones(shape, dtype=torch.bool, device=x.device)
+        masks[name] = mask & keep[name] if name in keep else mask
+    return masks
+
+
+def _check_no_lost_gradient(hooks: LayerHooks, loss: torch.Tensor, silent: list[str]) -> None:
+    """A layer without a gradient is zero only if its output is not in the loss's graph; else its
+    gradient hook was bypassed, and a zero would be wrong."""
+    lost = hooks.in_graph(loss, silent) if silent else []
+    if lost:
+        raise ConfigError(
+            f"layers {lost} feed the loss but their output-gradient hook did not fire, so their gradient is "
+            "unknown; exclude them from the projection"
+        )
 
 
 class GradientCapture:
@@ -52,8 +76,11 @@ class GradientCapture:
             n: p.T.contiguous() for n, p in self.p_in.items() if projection.layers[n].kind == "embedding"
         }
         self.p_out = {n: p.to(device) for n, p in projection.p_out.items()}  # (k_out, n_out)
-        self.with_bias = {n: p.shape[1] == s.n_in + 1 for (n, s), p in zip(projection.layers.items(), self.p_in.values())}
-        self._inputs, self._grads = {}, {}
+        self.with_bias = {
+            n: p.shape[1] == s.n_in + 1 for (n, s), p in zip(projection.layers.items(), self.p_in.values())
+        }
+        self.padding = embedding_padding(model, projection.layers)  # layer -> padding_idx
+        self._inputs, self._grads, self._keep = {}, {}, {}
         self._hooks = LayerHooks(model, projection.layers, self._on_input, self._on_output_grad)
 
     def __enter__(self) -> "GradientCapture":
@@ -66,6 +93,8 @@ class GradientCapture:
     def _on_input(self, name: str, x: torch.Tensor) -> None:
         if name in self.p_in_rows:
             self._inputs[name] = self.p_in_rows[name][x]  # (B, T, k_in)
+            if name in self.padding:
+                self._keep[name] = x != self.padding[name]  # (B, T): tokens whose row gets a gradient
             return
         if self.with_bias[name]:
             x = _with_ones(x)
@@ -73,27 +102,42 @@ class GradientCapture:
         self._inputs[name] = (x @ p.T.to(x.dtype)).float()  # (B, T, k_in)
 
     def _on_output_grad(self, name: str, g: torch.Tensor) -> None:
-        self._grads[name] = (g @ self.p_out[name].T.to(g.dtype)).float()  # (B, T, k_out)
+        v = (g @ self.p_out[name].T.to(g.dtype)).float()  # (B, T, k_out)
+        self._grads[name] = v * self._keep[name][..., None] if name in self._keep else v
 
     def capture(self, batch: dict, *, query: bool = False, sample_labels: bool = False) -> BatchCapture:
         """One forward + backward of the task's summed loss (query measurement if `query`)."""
-        self._inputs, self._grads = {}, {}
+        self._inputs, self._grads, self._keep = {}, {}, {}
         self._hooks.new_pass()
         with torch.enable_grad():
-            loss = self.task.query_loss(self.model, batch) if query else self.task.loss(self.model, batch, sample_labels=sample_labels)
-            loss.backward()
+            loss = (
+                self.task.query_loss(self.model, batch)
+                if query
+                else self.task.loss(self.model, batch, sample_labels=sample_labels)
+            )
+            if loss.requires_grad:  # False when no tracked layer ran: the check below names them
+                loss.backward()
         inputs, grads = self._inputs, self._grads
-        mask = _token_mask(self.task, batch, inputs)
-        n_examples = mask.shape[0]
+        silent = [b.name for b in self.projection.layout.blocks if b.name not in inputs]
+        if silent:  # the module never ran: its weight, if used at all, is used outside its forward
+            raise ConfigError(
+                f"layers {silent} did not run their forward in this pass (unused, merged into another weight, or "
+                "their weight is used outside the module's forward, e.g. by a fused kernel), so their gradient "
+                "cannot be captured; exclude them from the projection"
+            )
+        task_mask = self.task.token_mask(batch)
+        n_examples = task_mask.shape[0] if task_mask is not None else max(u.shape[0] for u in inputs.values())
         shared = [n for n, u in inputs.items() if u.shape[0] != n_examples]
         if shared:
             raise ConfigError(
                 f"layers {shared} see one input for the whole batch (e.g. position embeddings), so their "
                 "per-example gradient cannot be separated; exclude them from the projection"
             )
+        _check_no_lost_gradient(self._hooks, loss, [n for n in inputs if n not in grads])
+        masks = layer_masks(task_mask, inputs, self._keep)
         blocks = []
         for block in self.projection.layout.blocks:
-            if block.name in grads:  # a layer the loss does not depend on has zero gradient
+            if block.name in grads:  # else its output is not in the loss's graph: its gradient is zero
                 g = torch.einsum("btk,btj->bkj", grads[block.name], inputs[block.name])  # (B, k_out, k_in)
                 blocks.append(g.reshape(n_examples, -1))
             else:
@@ -106,24 +150,30 @@ class GradientCapture:
                 f"projected gradients contain NaN/Inf in layers {bad} (loss={loss.item():.4g}); "
                 "capture in fp32, or lower the learning rate / check the inputs of this batch"
             )
-        return BatchCapture(gradients, inputs, grads, mask)
+        tokens = int(task_mask.sum()) if task_mask is not None else max(m.numel() for m in masks.values())
+        return BatchCapture(gradients, inputs, grads, masks, tokens)
 
 
 def input_output_covariances(
     model: nn.Module, task: Task, layers: dict[str, LayerSpec], batches, *, bias: bool
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (E[x x^T] over counted tokens, E[g g^T] per example) at full width, float64.
-
-    Feeds PCA initialisation. An embedding's input covariance is diagonal: its token counts.
+    """Per layer (E[x x^T] over its counted tokens (layer_masks), E[g g^T] per example) at full
+    width, float64. Feeds PCA initialisation. An embedding's input covariance is diagonal: its token
+    counts; occurrences of its padding_idx count neither there nor in E[g g^T] (they get no gradient).
     """
-    sums_in, sums_out, tokens, examples = {}, {}, 0, 0
-    current_mask = {}
+    sums_in, sums_out, tokens, examples = {}, {}, {}, 0
+    padding = embedding_padding(model, layers)
+    state = {}  # this batch: the task's mask, the batch size, and layer -> (B, T_l) tokens with a gradient
 
     def on_input(name, x):
-        mask = current_mask["mask"]
         spec = layers[name]
+        if name in padding:
+            state["keep"][name] = x != padding[name]
+        mask = layer_masks(state["mask"], {name: x}, state["keep"])[name]
+        state["examples"] = max(state["examples"], x.shape[0])
+        tokens[name] = tokens.get(name, 0) + int(mask.sum())
         if spec.kind == "embedding":
-            counts = torch.bincount(x[mask[:, : x.shape[1]]].flatten(), minlength=spec.n_in).double()
+            counts = torch.bincount(x[mask], minlength=spec.n_in).double()
             sums_in[name] = sums_in.get(name, 0) + torch.diag(counts.cpu())
             return
         x = _with_ones(x) if bias and spec.has_bias else x
@@ -131,18 +181,26 @@ def input_output_covariances(
         sums_in[name] = sums_in.get(name, 0) + (rows.T @ rows).cpu()
 
     def on_output_grad(name, g):
+        if name in state["keep"]:
+            g = g * state["keep"][name][..., None]
         rows = g.reshape(-1, g.shape[-1]).double()  # (B*T, n_out)
         sums_out[name] = sums_out.get(name, 0) + (rows.T @ rows).cpu()
+        state["grads"].add(name)
 
     with LayerHooks(model, layers, on_input, on_output_grad) as hooks:
         for batch in batches:
             hooks.new_pass()
             mask = task.token_mask(batch)
-            if mask is None:
-                mask = torch.ones(batch[next(iter(batch))].shape[:2], dtype=torch.bool)
-            current_mask["mask"] = mask.bool()
+            state.update(mask=None if mask is None else mask.bool(), keep={}, examples=0, grads=set())
             with torch.enable_grad():
-                task.loss(model, batch).backward()
-            tokens += int(mask.sum())
-            examples += mask.shape[0]
-    return {n: (sums_in[n] / tokens, sums_out.get(n, torch.zeros(s.n_out, s.n_out, dtype=torch.float64)) / examples) for n, s in layers.items()}
+                loss = task.loss(model, batch)
+                if loss.requires_grad:  # False when no tracked layer ran: named below
+                    loss.backward()
+            _check_no_lost_gradient(hooks, loss, [n for n in hooks.nodes if n not in state["grads"]])
+            examples += state["examples"]
+    idle = [n for n in layers if n not in sums_in]
+    if idle:
+        raise ConfigError(f"layers {idle} did not run on the PCA examples; exclude them from the projection")
+    for name, spec in layers.items():  # outside the loss's graph: zero output gradient
+        sums_out.setdefault(name, torch.zeros(spec.n_out, spec.n_out, dtype=torch.float64))
+    return {n: (sums_in[n] / max(tokens[n], 1), sums_out[n] / examples) for n in layers}

@@ -57,7 +57,7 @@ class Curvature:
                 d, q = _eigh(sums["second_moment"] / stats.examples)
                 factors[block.name] = {"eigenvalues": d, "eigenvectors": q}
             else:
-                a, q_a = _eigh(sums["activation"] / max(stats.tokens, 1))
+                a, q_a = _eigh(sums["activation"] / stats.activation_tokens(block.name))
                 s, q_s = _eigh(sums["output_grad"] / stats.examples)
                 if kind == "kfac":
                     lam = torch.outer(s, a)  # (k_out, k_in)
@@ -65,6 +65,32 @@ class Curvature:
                     lam = ekfac_eigenvalues(sums["second_moment"] / stats.examples, q_s, q_a)
                 factors[block.name] = {"eigenvalues": lam, "q_a": q_a, "q_s": q_s}
         return cls(kind, stats.layout, factors)
+
+    @classmethod
+    def fit_ekfac_from_gradients(cls, stats: CurvatureStatistics, gradients) -> "Curvature":
+        """EK-FAC without (D_l x D_l) second moments: KFAC eigenbases from `stats`, eigenvalues
+        mean_i (Q_S^T G_i Q_A)^2 over `gradients`, an iterable of (B, D) blocks of the same examples'
+        projected gradients (a second pass, as in Kronfluence). Equals fit(stats, "ekfac") whenever
+        stats also holds the second moments; usable at full width (identity projection)."""
+        if stats.examples == 0:
+            raise ConfigError("curvature statistics are empty: no example was seen")
+        bases = {}
+        for block in stats.layout.blocks:
+            sums = stats.sums[block.name]
+            _, q_a = _eigh(sums["activation"] / max(stats.tokens, 1))
+            _, q_s = _eigh(sums["output_grad"] / stats.examples)
+            bases[block.name] = (q_s, q_a, torch.zeros(block.k_out, block.k_in, dtype=torch.float64))
+        seen = 0
+        for rows in gradients:
+            for block in stats.layout.blocks:
+                q_s, q_a, total = bases[block.name]
+                g = block.view(rows).double()  # (B, k_out, k_in)
+                total += (q_s.T @ g @ q_a).square().sum(0)
+            seen += rows.shape[0]
+        if seen != stats.examples:
+            raise MismatchError(f"{seen} gradient rows for statistics of {stats.examples} examples")
+        factors = {n: {"eigenvalues": t / seen, "q_a": q_a, "q_s": q_s} for n, (q_s, q_a, t) in bases.items()}
+        return cls("ekfac", stats.layout, factors)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat 'layer|factor' -> tensor map for storage."""
@@ -80,8 +106,17 @@ class Curvature:
             factors[layer][name] = tensor
         return cls(kind, layout, factors)
 
+    def check_kind(self, config: CurvatureConfig) -> None:
+        """Refuse a config of another kind: the fitted factors, not the config, decide the approximation."""
+        if config.kind != self.kind:
+            raise ConfigError(
+                f"the curvature was fitted as {self.kind!r} but CurvatureConfig(kind={config.kind!r}) is used with it; "
+                f"fit it with Curvature.fit(stats, {config.kind!r}), or pass CurvatureConfig(kind={self.kind!r})"
+            )
+
     def damping(self, config: CurvatureConfig) -> dict[str, float]:
         """Absolute lambda per layer: the configured value, or alpha * mean eigenvalue if relative."""
+        self.check_kind(config)
         result = {}
         for block in self.layout.blocks:
             value = next(

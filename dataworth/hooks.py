@@ -1,10 +1,11 @@
 """Forward/backward hooks on tracked layers that see inputs and output gradients, nothing else.
 
 Parameters are frozen (requires_grad=False) while the hooks are installed, so backward computes
-gradients with respect to activations only and never forms a weight gradient. A tracked layer whose
-output would not require grad (the first tracked layer, when nothing upstream does) has its output
-turned into a grad-requiring leaf, so the backward pass reaches it. On exit the hooks are removed
-and every parameter's requires_grad is restored.
+gradients with respect to activations only and never forms a weight gradient. The output gradient
+is read by `_Tap`, an identity autograd node spliced in place onto the layer's output: later in-place
+ops (`nn.ReLU(inplace=True)`, `h += ...`) stack on top of it, so it still sees dL/d(output) as the
+layer produced it. An anchor leaf makes the output require grad when nothing upstream does (the
+first tracked layer). On exit the hooks are removed and every parameter's requires_grad is restored.
 """
 
 from collections.abc import Callable
@@ -24,6 +25,22 @@ def _tokens_first(t: torch.Tensor, ids: bool) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if ids else t.reshape(t.shape[0], -1, t.shape[-1])
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on the layer output y, marked as modified in place: y keeps its storage and gets this
+    node as its grad_fn, so every later use of y (in place or not) flows through `backward`."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, anchor: torch.Tensor, on_grad: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        ctx.mark_dirty(y)
+        ctx.on_grad = on_grad
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        ctx.on_grad(g)
+        return g, None, None
+
+
 class LayerHooks:
     """Context manager calling `on_input` in forward and `on_output_grad` in backward per layer."""
 
@@ -35,6 +52,8 @@ class LayerHooks:
         self._handles = []
         self._requires_grad = {}
         self._calls = {}
+        self.nodes = {}  # layer -> its _Tap node in this pass (the graph vertex its gradient passes)
+        self._anchors = {}  # device -> scalar leaf that makes a _Tap output require grad; never gets one
 
     def __enter__(self) -> "LayerHooks":
         self._requires_grad = {p: p.requires_grad for p in self.model.parameters()}
@@ -51,12 +70,28 @@ class LayerHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.nodes.clear()  # frees this pass's graph even if its backward never ran
         for p, flag in self._requires_grad.items():
             p.requires_grad_(flag)
 
     def new_pass(self) -> None:
         """Call before each forward: a layer may run only once per pass."""
         self._calls.clear()
+        self.nodes.clear()
+
+    def in_graph(self, loss: torch.Tensor, names: list[str]) -> list[str]:
+        """Those of `names` whose output is in the graph of `loss` (their gradient hook must have fired)."""
+        wanted = {self.nodes[n]: n for n in names if n in self.nodes}
+        found, seen, stack = [], set(), [loss.grad_fn]
+        while stack and wanted:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in wanted:
+                found.append(wanted.pop(node))
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return found
 
     def _forward_hook(self, name: str, spec: LayerSpec):
         def hook(module, args, output):
@@ -66,8 +101,10 @@ class LayerHooks:
             self.on_input(name, _tokens_first(args[0].detach(), ids=spec.kind == "embedding"))
             if not torch.is_grad_enabled():
                 return
-            if not output.requires_grad:
-                output.requires_grad_(True)
-            output.register_hook(lambda g: self.on_output_grad(name, _tokens_first(g, ids=False)))
+            device = output.device
+            if device not in self._anchors:
+                self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+            _Tap.apply(output, self._anchors[device], lambda g: self.on_output_grad(name, _tokens_first(g, ids=False)))
+            self.nodes[name] = output.grad_fn
 
         return hook

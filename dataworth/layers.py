@@ -40,8 +40,25 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec | None:
     return None
 
 
+def embedding_padding(model: nn.Module, layers: dict[str, LayerSpec]) -> dict[str, int]:
+    """layer -> padding_idx of each tracked nn.Embedding that has one. PyTorch gives that row no
+    gradient, so its occurrences carry none, even where the id is also real text (pad = eos)."""
+    modules = dict(model.named_modules())
+    padding = {n: getattr(modules.get(n), "padding_idx", None) for n, s in layers.items() if s.kind == "embedding"}
+    return {n: p for n, p in padding.items() if p is not None}
+
+
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
+
+
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> names of every module holding it directly (more than one: tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    return owners
 
 
 def find_layers(
@@ -61,6 +78,15 @@ def find_layers(
             continue
         if _matches(name, include) and not _matches(name, exclude):
             found[name] = spec
+    owners = _shared_weights(model)
+    for name in found:
+        others = [o for o in owners[id(model.get_submodule(name).weight)] if o != name]
+        if others:  # e.g. lm_head tied to the input embedding: the weight's gradient sums both uses
+            raise ConfigError(
+                f"layer {name!r} shares its weight with {others} (tied weights, e.g. tied input/output "
+                "embeddings): its gradient is the sum over every use of that weight, and the engine captures "
+                f"one module's use only, so it would be inexact; exclude it (exclude=({name!r},)) or untie the weights"
+            )
     if not found:
         raise ConfigError(
             f"no supported layer (nn.Linear, Conv1D{', nn.Embedding' if embeddings else ''}) of "

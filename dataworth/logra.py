@@ -1,11 +1,11 @@
 """Front door: value training data for a model from any training loop.
 
-    logra = LoGra(model, task, ProjectionConfig(rank_in=16, rank_out=16))
-    stats = logra.new_statistics()
-    train = logra.capture(train_examples, statistics=stats)          # (N, D) projected gradients
-    curvature = Curvature.fit(stats, "ekfac")
-    scorer = logra.scorer(query_examples, curvature, CurvatureConfig())
-    result = scorer.stream(train.split(1024), top_k=5, groups={"provider": provider_ids})
+logra = LoGra(model, task, ProjectionConfig(rank_in=16, rank_out=16))
+stats = logra.new_statistics()
+train = logra.capture(train_examples, statistics=stats)          # (N, D) projected gradients
+curvature = Curvature.fit(stats, "ekfac")
+scorer = logra.scorer(query_examples, curvature, CurvatureConfig())
+result = scorer.stream(train.split(1024), top_k=5, groups={"provider": provider_ids})
 """
 
 from collections.abc import Callable, Sequence
@@ -82,7 +82,9 @@ class LoGra:
                     progress(done, len(examples))
         return torch.cat(rows) if rows else torch.zeros(0, self.projection.layout.dim)
 
-    def statistics(self, examples: Sequence, *, fisher: str = "empirical", second_moment: bool = True) -> CurvatureStatistics:
+    def statistics(
+        self, examples: Sequence, *, fisher: str = "empirical", second_moment: bool = True
+    ) -> CurvatureStatistics:
         """Curvature statistics alone; fisher="sampled" draws labels from the model (true Fisher)."""
         stats = self.new_statistics(second_moment=second_moment)
         with GradientCapture(self.model, self.projection, self.task) as capture:
@@ -90,7 +92,11 @@ class LoGra:
                 stats.update(capture.capture(batch, sample_labels=fisher == "sampled"))
         return stats
 
-    def scorer(self, query_examples: Sequence, curvature: Curvature, config: CurvatureConfig, normalize: str = "none") -> InfluenceScorer:
-        """Capture the queries' gradients and precondition them once."""
+    def scorer(
+        self, query_examples: Sequence, curvature: Curvature, config: CurvatureConfig, normalize: str = "none"
+    ) -> InfluenceScorer:
+        """Capture the queries' gradients and precondition them once; `config.kind` must be the
+        kind `curvature` was fitted as (ConfigError before any capture otherwise)."""
+        curvature.check_kind(config)
         queries = self.capture(query_examples, query=True)
         return InfluenceScorer(queries, curvature.preconditioner(config), normalize)

@@ -173,7 +173,6 @@ class Projection:
         )
         if projection.content_hash() != meta["content_hash"]:
             raise MismatchError(
-                f"projection in {directory} does not match its recorded hash; it was modified "
-                "after saving: recreate it"
+                f"projection in {directory} does not match its recorded hash; it was modified after saving: recreate it"
             )
         return projection

@@ -38,7 +38,9 @@ class InfluenceScorer:
         if normalize not in NORMALIZATIONS:
             raise ConfigError(f"normalize={normalize!r} is not one of {NORMALIZATIONS}")
         if query_gradients.ndim != 2 or query_gradients.shape[0] == 0:
-            raise ConfigError(f"query gradients must be a non-empty (Q, D) matrix, got shape {tuple(query_gradients.shape)}")
+            raise ConfigError(
+                f"query gradients must be a non-empty (Q, D) matrix, got shape {tuple(query_gradients.shape)}"
+            )
         if query_gradients.shape[1] != preconditioner.curvature.layout.dim:
             raise MismatchError(
                 f"query gradients have {query_gradients.shape[1]} columns but the curvature's projection has "
@@ -71,7 +73,9 @@ class InfluenceScorer:
         top_scores = torch.full((n_queries, 0), float("-inf"))
         top_indices = torch.zeros((n_queries, 0), dtype=torch.int64)
         groups = {k: torch.as_tensor(v, dtype=torch.int64) for k, v in (groups or {}).items()}
-        sums = {k: torch.zeros(int(v.max()) + 1 if len(v) else 0, n_queries, dtype=torch.float64) for k, v in groups.items()}
+        sums = {
+            k: torch.zeros(int(v.max()) + 1 if len(v) else 0, n_queries, dtype=torch.float64) for k, v in groups.items()
+        }
         totals, selfs, kept = [], [], []
         offset = 0
         for block in blocks:

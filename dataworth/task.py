@@ -75,7 +75,9 @@ class CausalLMTask(Task):
             probs = torch.softmax(logits.detach(), dim=-1).reshape(-1, logits.shape[-1]).cpu()
             drawn = torch.multinomial(probs, 1, generator=self.generator).view_as(targets).to(targets.device)
             targets = torch.where(targets == IGNORE, targets, drawn)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
 
     def token_mask(self, batch):
         return batch["attention_mask"].bool()

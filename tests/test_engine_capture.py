@@ -84,7 +84,9 @@ def test_prompt_tokens_are_not_targets():
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss(p):
-        logits = torch.func.functional_call(model, p, (), {"input_ids": torch.tensor([ids])}).logits[0, n_prompt - 1 : -1]
+        logits = torch.func.functional_call(model, p, (), {"input_ids": torch.tensor([ids])}).logits[
+            0, n_prompt - 1 : -1
+        ]
         return torch.nn.functional.cross_entropy(logits, torch.tensor(ids[n_prompt:]), reduction="sum")
 
     grads = torch.func.grad(loss)(params)
@@ -93,7 +95,11 @@ def test_prompt_tokens_are_not_targets():
 
 
 def test_shared_position_embedding_is_refused_with_a_clear_error():
-    logra = LoGra(tiny_gpt2(), CausalLMTask(pad_token_id=0), ProjectionConfig(rank_in=2, rank_out=2, embeddings=True, include=("*wpe",)))
+    logra = LoGra(
+        tiny_gpt2(),
+        CausalLMTask(pad_token_id=0),
+        ProjectionConfig(rank_in=2, rank_out=2, embeddings=True, include=("*wpe",)),
+    )
     with pytest.raises(ConfigError, match="wpe"):
         logra.capture([[1, 2, 3], [4, 5, 6]])
 
@@ -137,7 +143,12 @@ def test_same_seed_gives_bit_identical_projections_across_processes(tmp_path):
     import pathlib
 
     root = str(pathlib.Path(__file__).resolve().parents[1])
-    hashes = {subprocess.run([sys.executable, "-c", SEED_SCRIPT.format(root=root)], capture_output=True, text=True, check=True).stdout.strip() for _ in range(2)}
+    hashes = {
+        subprocess.run(
+            [sys.executable, "-c", SEED_SCRIPT.format(root=root)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
     here = Projection.create(ProjectionConfig(rank_in=3, rank_out=2, seed=7), find_layers(TokenMLP()))
     assert hashes == {here.content_hash()}
     other = Projection.create(ProjectionConfig(rank_in=3, rank_out=2, seed=8), find_layers(TokenMLP()))
@@ -152,14 +163,35 @@ def test_llama_capture_equals_brute_force():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(5)
     sequences = [torch.randint(1, 40, (n,), generator=g).tolist() for n in (8, 4, 11)]
-    logra = LoGra(model, CausalLMTask(pad_token_id=0), ProjectionConfig(rank_in=5, rank_out=4, exclude=("lm_head",)), batch_size=3)
+    logra = LoGra(
+        model, CausalLMTask(pad_token_id=0), ProjectionConfig(rank_in=5, rank_out=4, exclude=("lm_head",)), batch_size=3
+    )
     kinds = {n: s.kind for n, s in logra.projection.layers.items()}
-    assert set(kinds) == {f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert set(kinds) == {
+        f"model.layers.0.{m}"
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     captured = logra.capture(sequences)
     expected = explicit_projection(logra.projection, hf_per_example_grads(model, sequences, kinds))
     torch.testing.assert_close(captured.double(), expected, rtol=1e-4, atol=1e-5)
@@ -173,7 +205,9 @@ def test_bf16_capture_matches_fp32_within_bf16_precision():
     config = ProjectionConfig(rank_in=6, rank_out=5, exclude=("lm_head",))
     reference = LoGra(model, CausalLMTask(pad_token_id=0), config, batch_size=3)
     fp32 = reference.capture(sequences)
-    low = LoGra(tiny_gpt2().to(torch.bfloat16), CausalLMTask(pad_token_id=0), projection=reference.projection, batch_size=3)
+    low = LoGra(
+        tiny_gpt2().to(torch.bfloat16), CausalLMTask(pad_token_id=0), projection=reference.projection, batch_size=3
+    )
     for dtype in (torch.float32, torch.float64):
         stats = low.new_statistics(dtype=dtype)
         bf16 = low.capture(sequences, statistics=stats)

@@ -88,7 +88,9 @@ def test_scores_equal_exact_influence_with_explicit_hessian(kind, relative, damp
 def test_identity_curvature_is_the_plain_gradient_dot_product():
     examples, queries = regression_examples(8), regression_examples(3, seed=1)
     _, _, _, curvature, train, query = fitted("identity", examples, queries)
-    result = InfluenceScorer(query, curvature.preconditioner(CurvatureConfig(kind="identity"))).stream([train], keep_scores=True)
+    result = InfluenceScorer(query, curvature.preconditioner(CurvatureConfig(kind="identity"))).stream(
+        [train], keep_scores=True
+    )
     torch.testing.assert_close(result.scores, train @ query.T)
 
 
@@ -110,7 +112,9 @@ def test_normalised_scores(normalize):
 def test_self_influence_is_the_quadratic_form():
     examples = regression_examples(6)
     model, task, _, curvature, train, _ = fitted("raw", examples, examples[:1])
-    result = InfluenceScorer(train[:1], curvature.preconditioner(CurvatureConfig(kind="raw", damping=0.1))).stream([train], self_influence=True)
+    result = InfluenceScorer(train[:1], curvature.preconditioner(CurvatureConfig(kind="raw", damping=0.1))).stream(
+        [train], self_influence=True
+    )
     hessians, grads = explicit_hessians(model, task, examples, "raw")
     expected = explicit_scores(hessians, grads, grads, 0.1).diagonal()
     torch.testing.assert_close(result.self_influence, expected, rtol=1e-4, atol=1e-8)
@@ -173,8 +177,12 @@ def test_topk_and_group_sums_equal_the_full_matrix():
     torch.testing.assert_close(result.top_scores, top.values)
     assert torch.equal(result.top_indices, top.indices)
     torch.testing.assert_close(result.example_totals, full.double().sum(1))
-    torch.testing.assert_close(result.group_sums["doc"], torch.zeros(8, 4, dtype=torch.float64).index_add_(0, docs, full.double()))
-    torch.testing.assert_close(result.group_sums["provider"], torch.zeros(4, 4, dtype=torch.float64).index_add_(0, providers, full.double()))
+    torch.testing.assert_close(
+        result.group_sums["doc"], torch.zeros(8, 4, dtype=torch.float64).index_add_(0, docs, full.double())
+    )
+    torch.testing.assert_close(
+        result.group_sums["provider"], torch.zeros(4, 4, dtype=torch.float64).index_add_(0, providers, full.double())
+    )
 
 
 def test_mixing_projections_and_bad_damping_are_refused():
