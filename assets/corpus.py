@@ -9,12 +9,15 @@ from transformers import AutoTokenizer
 from assets.checks import schema_result, schema_spec
 from assets.metadata import commit_metadata, upstream_versions
 from assets.partitions import SINGLE_RUN, shard_partitions
-from domain.artifacts import latest_row, store_checkpoint
-from domain.lm import load_checkpoint, train_embedded_model
+from assets.steps import step_tags
+from domain.artifacts import latest_row, record_checkpoint, store_checkpoint
+from domain.lm import apply_adapter, check_adapter, load_checkpoint, train_embedded_model
+from domain.progress import Progress
 from domain.sequences import number_sequences, split_documents, tokenize_corpus
-from domain.settings import Settings, configured_path
+from domain.settings import Settings, operator_path
 from domain.staging import read_staged_shard
 from resources.delta import DeltaStore
+from resources.state import stored_path
 from resources.tracking import MlflowTracker
 
 
@@ -22,6 +25,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     """The corpus and model groups' assets, their code versions taken from `settings`."""
 
     @dg.asset(
+        op_tags=step_tags(settings.deployment),
         partitions_def=shard_partitions,
         backfill_policy=SINGLE_RUN,
         code_version=settings.version("corpus"),
@@ -43,6 +47,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         )
 
     @dg.asset(
+        op_tags=step_tags(settings.deployment, gpu=True),
         deps=["training_corpus"],
         code_version=settings.version("model"),
         check_specs=[schema_spec("model_checkpoint")],
@@ -52,34 +57,42 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     def model_checkpoint(
         context: dg.AssetExecutionContext, delta: DeltaStore, mlflow: MlflowTracker
     ) -> dg.MaterializeResult:
-        """The causal LM being valued: a local HF checkpoint, or a small GPT-2 trained on the corpus."""
+        """The causal LM being valued: a local HF checkpoint, or a small GPT-2 trained on the corpus; with
+        `[model] adapter_dir`, a LoRA adapter applied on it (only its factors are then valued)."""
         m = settings.model
         corpus_version = delta.version("training_corpus")
         mlflow_run_id = ""
+        adapter = operator_path(m.adapter_dir, "[model] adapter_dir") if m.adapter_dir else None
         if m.checkpoint_dir:
-            path = configured_path(m.checkpoint_dir, "[model] checkpoint_dir")
-            model, _, digest = load_checkpoint(path)
+            path = operator_path(m.checkpoint_dir, "[model] checkpoint_dir")
+            model, _, digest = load_checkpoint(path, adapter)
             source = "local"
         else:
+            if adapter:
+                check_adapter(adapter)  # before training the model it goes on
             corpus = delta.read("training_corpus", columns=["doc_id", "provider_id", "batch_id", "text"])
             context.log.info(f"training the embedded GPT-2 on {corpus.height} documents")
             params = {**settings.to_dict()["model"], "documents": corpus.height, "corpus_version": corpus_version}
             with mlflow.run("embedded-model-training", params=params, tags={"dagster_run_id": context.run_id}) as run:
+                training = Progress(m.train_steps, "embedded GPT-2 step")
 
                 def on_step(step: int, loss: float) -> None:
                     if step % 10 == 0 or step == m.train_steps - 1:
                         run.log_metrics({"train_loss": loss}, step=step)
-                    if step % 100 == 0 or step == m.train_steps - 1:
-                        context.log.info(f"embedded GPT-2 step {step + 1}/{m.train_steps}: loss {loss:.3f}")
+                    if report := training.update(step + 1):  # at most every ~12 s, with the time left
+                        context.log.info(f"{report}; loss {loss:.3f}")
 
                 model, tokenizer, _ = train_embedded_model(corpus, m, on_step)
                 path, digest = store_checkpoint(model, tokenizer, context.run_id)
                 mlflow_run_id = run.run_id
+            if adapter:
+                model, digest = apply_adapter(model, digest, adapter)
             source = "embedded"
         row = pl.DataFrame(
             {
                 "checkpoint_hash": [digest],
-                "path": [str(path)],
+                "path": [stored_path(path)],  # relative to the state folder when inside it
+                "adapter_path": [stored_path(adapter) if adapter else ""],
                 "source": [source],
                 "model_type": [model.config.model_type],
                 "parameters": [sum(p.numel() for p in model.parameters())],
@@ -91,14 +104,13 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         )
         # one row per checkpoint: re-materializing the same one replaces its row
         upstream = {"training_corpus": corpus_version}
-        version = delta.replace(
-            "model_checkpoint", row, {"checkpoint_hash": digest}, metadata=commit_metadata(context, upstream)
-        )
+        version = record_checkpoint(delta, row, commit_metadata(context, upstream))
         return dg.MaterializeResult(
             data_version=dg.DataVersion(digest[:16]),
             metadata={
                 "checkpoint_hash": digest,
                 "path": str(path),
+                "adapter_path": str(adapter or ""),
                 "source": source,
                 "parameters": row["parameters"][0],
                 "mlflow_run_id": mlflow_run_id,
@@ -108,6 +120,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         )
 
     @dg.asset(
+        op_tags=step_tags(settings.deployment),
         partitions_def=shard_partitions,
         backfill_policy=SINGLE_RUN,
         deps=[dg.AssetDep("training_corpus", partition_mapping=dg.IdentityPartitionMapping()), "model_checkpoint"],

@@ -10,12 +10,15 @@ import polars as pl
 from assets.checks import schema_result, schema_spec
 from assets.metadata import commit_metadata, upstream_versions
 from assets.partitions import SINGLE_RUN, shard_partitions
+from assets.steps import step_tags
 from dataworth import CausalLMTask, LoGra
 from domain.artifacts import load_model, load_projection, projections_dir, require_single
-from domain.gradients import PCA_SEQUENCES, capture_shard, examples_of, fit_curvature
+from domain.gradients import PCA_SEQUENCES, capture_shard, examples_of, fit_curvature, pipeline_projection_config
+from domain.progress import Progress
 from domain.settings import Settings
 from resources.codecs import tensors_to_frame
 from resources.delta import DeltaStore
+from resources.state import stored_path
 
 
 def peak_memory_mb() -> float:
@@ -27,6 +30,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     """The gradients group's assets, their code versions taken from `settings`."""
 
     @dg.asset(
+        op_tags=step_tags(settings.deployment, gpu=True),
         deps=["model_checkpoint"],
         code_version=settings.version("projection"),
         check_specs=[schema_spec("gradient_projection")],
@@ -45,9 +49,9 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             )
             pca_examples = examples_of(first.head(PCA_SEQUENCES))
         task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
-        projection = LoGra(
-            model, task, settings.projection, pca_examples=pca_examples, batch_size=settings.capture_batch_size
-        ).projection
+        config = pipeline_projection_config(settings.projection, model, adapter=bool(model_row["adapter_path"]))
+        logra = LoGra(model, task, config, pca_examples=pca_examples, batch_size=settings.capture_batch_size)
+        projection = logra.projection
         digest = projection.content_hash()
         path = projections_dir() / digest[:16]
         if not path.exists():
@@ -57,8 +61,8 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         row = pl.DataFrame(
             {
                 "projection_hash": [digest],
-                "path": [str(path)],
-                "config": [settings.projection.to_json()],
+                "path": [stored_path(path)],  # relative to the state folder when inside it
+                "config": [config.to_json()],
                 "dim": [projection.layout.dim],
                 "layers": [len(projection.layers)],
                 "model_hash": [model_row["checkpoint_hash"]],
@@ -82,6 +86,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         )
 
     @dg.asset(
+        op_tags=step_tags(settings.deployment, gpu=True),
         partitions_def=shard_partitions,
         backfill_policy=SINGLE_RUN,
         deps=[
@@ -106,12 +111,15 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=settings.model.seed)
         logra = LoGra(model, task, projection=projection, batch_size=settings.capture_batch_size)
         total_tokens, total_rows, started = 0, 0, time.perf_counter()
+        shard_keys = list(context.partition_keys)
+        capture_progress = Progress(len(shard_keys), "shard")  # one estimate of time left across all shards
         for shard in context.partition_keys:
             seqs = delta.read("token_shards", where={"shard_id": shard}).sort("seq_index")
 
-            def progress(done: int, total: int, shard: str = shard) -> None:
-                if done == total or done % (20 * settings.capture_batch_size) == 0:
-                    context.log.info(f"{shard}: {done}/{total} sequences")
+            def progress(done: int, total: int, shard: str = shard, index: int = shard_keys.index(shard)) -> None:
+                label = f"shard {index + 1}/{len(shard_keys)} ({shard}): {done}/{total} sequences"
+                if report := capture_progress.update(index + done / max(total, 1), label):
+                    context.log.info(report)
 
             rows, stats = capture_shard(logra, seqs, settings.curvature.fisher, hashes, progress)
             meta = commit_metadata(context, upstream)
@@ -138,6 +146,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         )
 
     @dg.asset(
+        op_tags=step_tags(settings.deployment),
         deps=["projected_gradients"],
         code_version=settings.version("curvature.kind", "curvature.fisher"),
         check_specs=[schema_spec("hessian_factors")],

@@ -11,12 +11,24 @@ import polars as pl
 from assets.checks import schema_result, schema_spec
 from assets.metadata import commit_metadata, upstream_versions
 from assets.partitions import shard_partitions
+from assets.steps import step_tags
 from domain.artifacts import latest_row, load_model, load_projection
 from domain.queries import queries_version, query_rows, read_prompts
+from domain.report import valuation_report
 from domain.scoring import VALUATION_INPUTS, score_valuation
 from domain.settings import Settings
-from domain.valuation import provider_chart, provider_valuation, score_rows, tracking_params, valuation_id
+from domain.valuation import (
+    VALUE_LABEL,
+    provider_chart,
+    provider_valuation,
+    score_rows,
+    tracking_metrics,
+    tracking_params,
+    valuation_id,
+    value_markdown,
+)
 from resources.delta import DeltaStore
+from resources.state import reports_dir
 from resources.tracking import MlflowTracker
 
 
@@ -24,6 +36,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     """The valuation group's assets, their code versions taken from `settings`."""
 
     @dg.asset(
+        op_tags=step_tags(settings.deployment, gpu=True),
         deps=["model_checkpoint", "gradient_projection"],
         code_version=queries_version(settings),
         check_specs=[schema_spec("valuation_queries")],
@@ -31,7 +44,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         kinds={"pytorch", "delta"},
     )
     def valuation_queries(context: dg.AssetExecutionContext, delta: DeltaStore) -> dg.MaterializeResult:
-        """Prompts, the completions the model generates for them (greedy), and their projected gradients."""
+        """Prompts, their measured completions (the file's reference, else greedy), losses and projected gradients."""
         prompts = read_prompts(settings.queries_path())
         model, tokenizer, model_row = load_model(delta)
         projection, projection_row = load_projection(delta, model_row["checkpoint_hash"])
@@ -44,20 +57,30 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             context.log.warning(f"queries {empty} got an empty completion: their gradient is zero")
         version = delta.write("valuation_queries", rows, mode="overwrite", metadata=commit_metadata(context, upstream))
         preview = "\n".join(
-            f"| {q} | {p[:40]!r} | {c[:40]!r} |"
-            for q, p, c in rows.select("query_id", "prompt", "completion").head(10).iter_rows()
+            f"| {q} | {g or ''} | {'reference' if r else 'greedy'} | {p[:40]!r} | {c[:40]!r} | {n} | {loss:.2f} |"
+            for q, g, r, p, c, n, loss in rows.select(
+                "query_id", "query_group", "reference", "prompt", "completion", "completion_tokens", "loss"
+            )
+            .head(10)
+            .iter_rows()
         )
         return dg.MaterializeResult(
             metadata={
                 "queries": rows.height,
+                "reference_completions": int(rows["reference"].sum()),
                 "empty_completions": len(empty),
+                "mean_query_loss_nats": float(rows["loss"].mean()),
                 "delta_version": version,
-                "preview": dg.MetadataValue.md("| query | prompt | completion |\n|---|---|---|\n" + preview),
+                "preview": dg.MetadataValue.md(
+                    "| query | group | completion | prompt | completion text | tokens | loss (nats) |\n"
+                    "|---|---|---|---|---|---|---|\n" + preview
+                ),
             },
             check_results=[schema_result(delta, "valuation_queries")],
         )
 
     @dg.asset(
+        op_tags=step_tags(settings.deployment),
         deps=["projected_gradients", "hessian_factors", "valuation_queries"],
         code_version=settings.version("curvature", "scores"),
         check_specs=[schema_spec("influence_scores"), schema_spec("valuation_provenance", asset="influence_scores")],
@@ -93,7 +116,6 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         vid = valuation_id(provenance)
         rows = score_rows(vid, scored, scores.top_k)
         meta = commit_metadata(context, versions)
-        delta.replace("influence_scores", rows, {"valuation_id": vid}, metadata=meta)
         training_rows, rate = scored.rows.height, scored.rows.height / max(scored.seconds, 1e-9)
         record = pl.DataFrame(
             {
@@ -107,7 +129,10 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                 "created_at": [datetime.now(UTC)],
             }
         )
+        # provenance first: a crash between the two commits leaves a valuation that every reader sees as
+        # incomplete (stale_work redoes it, the audit refuses it), never score rows that nothing knows
         delta.replace("valuation_provenance", record, {"valuation_id": vid}, metadata=meta)
+        delta.replace("influence_scores", rows, {"valuation_id": vid}, metadata=meta)
         return dg.MaterializeResult(
             metadata={
                 "valuation_id": vid,
@@ -123,6 +148,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         )
 
     @dg.asset(
+        op_tags=step_tags(settings.deployment),
         deps=["influence_scores"],
         code_version=settings.version("scores"),
         check_specs=[schema_spec("provider_valuations")],
@@ -132,27 +158,35 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     def provider_valuations(
         context: dg.AssetExecutionContext, delta: DeltaStore, mlflow: MlflowTracker
     ) -> dg.MaterializeResult:
-        """Per provider: total and positive value, share, documents, tokens, value per token, 95% interval."""
+        """Per provider: predicted rise of the mean query loss if its data were removed (nats, % of the loss,
+        per token), signed share, 95% bootstrap interval and verdict, fraction of queries helped."""
         record = latest_row(delta, "valuation_provenance")
         vid, provenance = record["valuation_id"], json.loads(record["provenance"])
-        table = provider_valuation(
-            delta, vid, provenance, bootstrap_samples=settings.scores.bootstrap_samples, seed=settings.queries.seed
+        table, groups = provider_valuation(
+            delta,
+            vid,
+            provenance,
+            record["training_rows"],
+            bootstrap_samples=settings.scores.bootstrap_samples,
+            seed=settings.queries.seed,
         )
-        figure = provider_chart(table, f"Provider value, valuation {vid}")
+        normalized = provenance["scores"]["normalize"] != "none"
+        unit = f"{VALUE_LABEL} [normalize={provenance['scores']['normalize']}: not nats]" if normalized else VALUE_LABEL
+        figure = provider_chart(table, f"Provider value, valuation {vid}", unit)
         tags = {"dagster_run_id": context.run_id, "valuation_id": vid}
-        with mlflow.run(
-            f"valuation-{vid}", params=tracking_params(vid, provenance, record["queries"]), tags=tags
-        ) as run:
+        params = tracking_params(vid, provenance, record["queries"])
+        with mlflow.run(f"valuation-{vid}", params=params, tags=tags, replaces="valuation_id") as run:
             run.log_metrics(
                 {
                     "scoring_rows_per_second": record["rows_per_second"],
                     "training_rows": record["training_rows"],
                     "providers": table.height,
-                    "total_value": float(table["total_value"].sum()),
+                    **tracking_metrics(table),
                 }
             )
             run.log_figure(figure, "provider_valuations.png")
             run.log_dict(provenance, "provenance.json")
+            run.log_dict({"providers": table.to_dicts(), "by_query_group": groups.to_dicts()}, "provider_values.json")
             run_id = run.run_id
         image = io.BytesIO()
         figure.savefig(image, format="png", dpi=80)
@@ -161,21 +195,26 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         version = delta.replace(
             "provider_valuations", rows, {"valuation_id": vid}, metadata=commit_metadata(context, upstream)
         )
-        top = "\n".join(
-            f"| {p} | {t:.4g} | {s:.1%} | [{lo:.3g}, {hi:.3g}] |"
-            for p, t, s, lo, hi in table.select("provider_id", "total_value", "share", "ci_low", "ci_high").iter_rows()
-        )
+        report = reports_dir() / f"{vid}.html"  # the page a person can forward, also in the MLflow run
+        report.write_text(valuation_report(delta, mlflow, vid, image.getvalue(), unit=unit), encoding="utf-8")
+        mlflow.log_artifact(run_id, report)
         chart = base64.b64encode(image.getvalue()).decode()
         return dg.MaterializeResult(
             metadata={
                 "valuation_id": vid,
                 "mlflow_run_id": run_id,
                 "providers": table.height,
+                "mean_query_loss_nats": float(table["mean_query_loss"][0]),
                 "delta_version": version,
-                "top_providers": dg.MetadataValue.md(
-                    "| provider | total value | share | 95% interval |\n|---|---|---|---|\n" + top
+                "unit": unit,
+                "report": dg.MetadataValue.path(str(report)),
+                "top_providers": dg.MetadataValue.md(value_markdown(table)),
+                **(
+                    {"by_query_group": dg.MetadataValue.md(value_markdown(groups, by_group=True))}
+                    if groups.height
+                    else {}
                 ),
-                "chart": dg.MetadataValue.md(f"![provider value](data:image/png;base64,{chart})"),
+                "chart (picture)": dg.MetadataValue.md(f"![provider value](data:image/png;base64,{chart})"),
             },
             check_results=[schema_result(delta, "provider_valuations", {"valuation_id": vid})],
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from scipy.stats import rankdata
 from torch import nn
 
@@ -116,10 +117,9 @@ def query_losses(model, task, queries) -> torch.Tensor:
 
 def ground_truth(spec: BenchSpec, key: str, model, task, bench, log) -> tuple[torch.Tensor, torch.Tensor]:
     """(masks (m, N), losses (S, m, Q)), cached; extends a cached run with fewer subsets."""
-    path = CACHE / f"{key}-S{spec.seeds}-e{spec.epochs}-lr{spec.lr}-b{spec.batch_size}.pt"
+    path = CACHE / f"{key}-S{spec.seeds}-e{spec.epochs}-lr{spec.lr}-b{spec.batch_size}.safetensors"
     masks = subset_masks(len(bench.train), spec.subsets, seed=spec.seed)
-    done = torch.load(path, weights_only=True) if path.exists() else {"losses": []}
-    rows = list(done["losses"])  # per subset: (S, Q)
+    rows = list(load_file(path)["losses"]) if path.exists() else []  # per subset: (S, Q)
     started = time.time()
     for j in range(len(rows), spec.subsets):
         subset = [bench.train[i] for i in masks[j].nonzero().flatten().tolist()]
@@ -133,7 +133,7 @@ def ground_truth(spec: BenchSpec, key: str, model, task, bench, log) -> tuple[to
         )
         if (j + 1) % 8 == 0 or j + 1 == spec.subsets:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"losses": rows}, path)
+            save_file({"losses": torch.stack(rows).contiguous()}, path)
             log(f"  subset {j + 1}/{spec.subsets} retrained ({time.time() - started:.0f}s)")
     return masks, torch.stack(rows[: spec.subsets], dim=1)  # (S, m, Q)
 
@@ -437,7 +437,7 @@ def main() -> None:
             (True, {1e-8: "kron-all"}),
             (False, {1e-8: "kron-nohead", None: "kron-nohead-heuristic"}),
         ]:
-            paths = {d: CACHE / f"{key}-{n}.pt" for d, n in names.items()}
+            paths = {d: CACHE / f"{key}-{n}.safetensors" for d, n in names.items()}
             if not all(p.exists() for p in paths.values()):
                 computed = kronfluence_scores(
                     model,
@@ -449,17 +449,17 @@ def main() -> None:
                     list(names),
                 )
                 for d, (scores, seconds) in computed.items():
-                    torch.save({"scores": scores, "seconds": seconds}, paths[d])
+                    save_file({"scores": scores.contiguous(), "seconds": torch.tensor(seconds)}, paths[d])
             params = tracked_params(model, () if lm_head else NO_HEAD)
             for d, name in names.items():
-                saved = torch.load(paths[d], weights_only=True)
+                saved = load_file(paths[d])
                 record(
                     name,
                     saved["scores"],
                     params,
                     params,
                     float("nan"),
-                    saved["seconds"],
+                    float(saved["seconds"]),
                     f"Kronfluence EK-FAC, sampled Fisher, damping {'0.1 x mean eigenvalue' if d is None else d}, {'all Linear incl. lm_head' if lm_head else 'no lm_head'}",
                 )
         for cfg in wanted:

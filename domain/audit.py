@@ -15,8 +15,7 @@ import json
 import polars as pl
 
 from dataworth import CurvatureConfig, MismatchError, Projection
-from domain.artifacts import latest_row
-from domain.lm import checkpoint_hash
+from domain.artifacts import checkpoint_files_hash, latest_row
 from domain.scoring import score_valuation
 from resources.delta import DeltaStore, DeltaStoreError, TableVersionMissing
 from resources.tracking import MlflowTracker
@@ -44,6 +43,14 @@ def lineage(delta: DeltaStore, tracker: MlflowTracker, vid: str) -> dict:
     record = provenance_of(delta, vid)
     prov = record["provenance"]
     versions = prov["tables"]
+    if (
+        not delta.exists("influence_scores")
+        or delta.read("influence_scores", columns=["valuation_id"], where={"valuation_id": vid}).is_empty()
+    ):
+        raise AuditError(
+            f"valuation {vid} is incomplete: its provenance was recorded but its influence_scores rows never landed "
+            "(the run was killed between the two commits); `dataworth run` recomputes it"
+        )
     tables = {}
     for table, version in versions.items():
         commit = delta.commit_metadata(table, version) if version is not None else {}
@@ -84,6 +91,7 @@ def lineage(delta: DeltaStore, tracker: MlflowTracker, vid: str) -> dict:
         "model": {
             "checkpoint_hash": prov["model_hash"],
             "path": model.get("path"),
+            "adapter_path": model.get("adapter_path") or None,
             "source": model.get("source"),
             "training_mlflow_run_id": model.get("mlflow_run_id") or None,
         },
@@ -103,11 +111,32 @@ def verify(delta: DeltaStore, vid: str, sample: int) -> dict:
     with the same scoring function the asset ran; raise AuditError on any gap."""
     prov = provenance_of(delta, vid)["provenance"]
     versions, scores = prov["tables"], prov["scores"]
+    for table, version in sorted(versions.items()):  # every data file of every recorded version is still there
+        if version is None:
+            continue
+        try:
+            missing = delta.missing_files(table, version)
+        except DeltaStoreError as error:
+            raise AuditError(f"an upstream of valuation {vid} is gone or changed: {error}") from error
+        if missing:
+            cause = (
+                "deleted outside dataworth"
+                if version == delta.version(table)
+                else "vacuumed (or deleted outside dataworth) after newer versions replaced them"
+            )
+            raise AuditError(
+                f"version {version} of Delta table {table!r}, which valuation {vid} read, lists {len(missing)} data "
+                f"file(s) that are gone ({', '.join(m.rsplit('/', 1)[-1] for m in missing[:3])}); they were {cause}. "
+                f"Bring them back from a backup (or restore the table to a version whose files are all there, with "
+                f"Delta time travel) to audit it; `dataworth run` re-materializes the table"
+            )
     try:
         model = latest_row(delta, "model_checkpoint", versions["model_checkpoint"])
-        if checkpoint_hash(model["path"]) != prov["model_hash"]:
+        if checkpoint_files_hash(model) != prov["model_hash"]:
+            adapter = f" (with the adapter at {model['adapter_path']})" if model["adapter_path"] else ""
             raise AuditError(
-                f"the checkpoint files at {model['path']} changed: they no longer hash to {prov['model_hash'][:12]}"
+                f"the checkpoint files at {model['path']}{adapter} changed: they no longer hash to "
+                f"{prov['model_hash'][:12]}"
             )
         proj_row = latest_row(delta, "gradient_projection", versions["gradient_projection"])
         if Projection.load(proj_row["path"]).content_hash() != prov["projection_hash"]:
@@ -162,6 +191,8 @@ def to_text(report: dict) -> str:
         lines.append(f"  {table:<32} v{info['version']}  run {info['dagster_run_id']}  code {info['code_version']}")
     m, p, c = report["model"], report["projection"], report["curvature"]
     lines += ["", f"model checkpoint: {m['checkpoint_hash']} ({m['source']}) at {m['path']}"]
+    if m.get("adapter_path"):
+        lines.append(f"  with the LoRA adapter at {m['adapter_path']}")
     if m["training_mlflow_run_id"]:
         lines.append(f"  trained in MLflow run {m['training_mlflow_run_id']}")
     lines += [

@@ -1,8 +1,10 @@
 """Training gradients of one shard, and the curvature fitted from every shard's partial statistics."""
 
 import polars as pl
+from torch import nn
 
-from dataworth import Curvature, CurvatureStatistics, GradientLayout, LoGra, NonFiniteError
+from dataworth import Curvature, CurvatureStatistics, GradientLayout, LoGra, NonFiniteError, ProjectionConfig
+from dataworth.adapters import lora_projection_config
 from resources.codecs import frame_to_tensors, gradients_to_binary, tensors_to_frame
 
 PCA_SEQUENCES = 256  # sequences of the statistics pass that fits PCA projections
@@ -11,6 +13,17 @@ PCA_SEQUENCES = 256  # sequences of the statistics pass that fits PCA projection
 def examples_of(sequences: pl.DataFrame) -> list[list[int]]:
     """token_shards rows -> token id lists, in row order."""
     return [list(ids) for ids in sequences["input_ids"].to_list()]
+
+
+def pipeline_projection_config(config: ProjectionConfig, model: nn.Module, adapter: bool) -> ProjectionConfig:
+    """The projection the pipeline makes: `[projection]` as set, or for a model with a LoRA adapter only the
+    adapter's lora_A / lora_B layers, at rank_in / rank_out clipped to the adapter rank r (its `ranks`,
+    `include` and `exclude` name base layers, which are then never tracked); seed, init and bias are kept."""
+    if not adapter:
+        return config
+    return lora_projection_config(
+        model, config.rank_in, config.rank_out, seed=config.seed, init=config.init, bias=config.bias
+    )
 
 
 def capture_shard(logra: LoGra, sequences: pl.DataFrame, fisher: str, hashes: dict[str, str], progress=None):

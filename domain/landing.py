@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,6 +26,13 @@ LANDING_COLUMNS = ("provider_id", "doc_id", "text", "source_uri", "license")
 CORPUS_COLUMNS = ("provider_id", "doc_id", "text", "source_uri", "license", "content_sha256", "ingested_at", "batch_id")
 LANDING_SUFFIXES = (".jsonl", ".parquet")
 _HASH_CHUNK_BYTES = 1 << 20
+COMPRESSED = {  # leading bytes of compressed files sent under a plain name, and how to unpack them
+    b"\x1f\x8b": ("gzip-compressed", "gunzip"),
+    b"BZh": ("bzip2-compressed", "bunzip2"),
+    b"\xfd7zXZ\x00": ("xz-compressed", "unxz"),
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed", "unzstd"),
+    b"PK\x03\x04": ("a zip archive", "unzip"),
+}
 
 
 class LandingFileError(ValueError):
@@ -42,13 +49,16 @@ class MergeReport:
 
     ``rejected`` has the landing columns plus ``reason``; ``providers_fully_rejected``
     names providers that sent documents of which none was accepted for a rejection
-    (providers whose documents were all duplicates are not listed).
+    (providers whose documents were all duplicates are not listed). ``duplicates`` says, per
+    skipped document, who holds its text: ``(doc_id, provider_id, held_by_doc_id, held_by_provider)``
+    (the holder's provider is None when the corpus given did not carry provider_id).
     """
 
     appended: int
     skipped_duplicates: int
     rejected: pl.DataFrame
     providers_fully_rejected: list[str]
+    duplicates: list[tuple[str, str, str, str | None]] = field(default_factory=list)
 
 
 def batch_id_for(path: str | Path) -> str:
@@ -70,8 +80,24 @@ def _check_columns(path: Path, columns: list[str], where: str) -> None:
         raise LandingFileError(path, f"{where} has unknown field(s) {unknown}; remove them (allowed: {allowed})")
 
 
+def _lone_surrogate(value: str) -> str | None:
+    """The first lone surrogate of a string (a JSON escape like \\ud800 that is no character), as \\uXXXX."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"\\u{ord(value[error.start]):04x}"
+    return None
+
+
 def _read_jsonl(path: Path) -> pl.DataFrame:
     raw = path.read_bytes()
+    for magic, (kind, tool) in COMPRESSED.items():
+        if raw.startswith(magic):
+            raise LandingFileError(
+                path,
+                f"is {kind} (its first bytes say so), not plain JSON Lines; unpack it ({tool}) and drop the "
+                f"resulting .jsonl file",
+            )
     try:
         content = raw.decode("utf-8-sig")  # tolerates a byte-order mark
     except UnicodeDecodeError as error:
@@ -98,6 +124,12 @@ def _read_jsonl(path: Path) -> pl.DataFrame:
             if value is not None and not isinstance(value, str):
                 raise LandingFileError(
                     path, f"line {number}: field {key!r} is a {type(value).__name__}; every field must be a string"
+                )
+            if value is not None and (surrogate := _lone_surrogate(value)):
+                raise LandingFileError(
+                    path,
+                    f"line {number}: field {key!r} holds an escaped lone surrogate ({surrogate}), half of a UTF-16 "
+                    "pair and no Unicode character; re-export the file from the original text (as UTF-8)",
                 )
         rows.append(row)
     return pl.DataFrame(rows, schema={c: pl.String for c in LANDING_COLUMNS if any(c in r for r in rows)})
@@ -191,17 +223,26 @@ def merge_into_corpus(
     in the batch) with different text is rejected. ``validation_rejected`` (from
     ``validate_documents``) joins the report so a provider rejected there is named too.
     """
-    seen_hashes: set[str] = set()
+    seen_hashes: dict[str, tuple[str, str | None]] = {}  # content hash -> (doc_id, provider_id) credited with it
     seen_doc_ids: set[str] = set()
     if existing_df is not None:
-        seen_hashes.update(existing_df["content_sha256"].to_list())
+        providers = (
+            existing_df["provider_id"].to_list()
+            if "provider_id" in existing_df.columns
+            else [None] * existing_df.height
+        )
+        for held_doc, held_provider, held_digest in zip(
+            existing_df["doc_id"].to_list(), providers, existing_df["content_sha256"].to_list()
+        ):
+            seen_hashes.setdefault(held_digest, (held_doc, held_provider))
         seen_doc_ids.update(existing_df["doc_id"].to_list())
-    keep, rejected_reason, skipped = [], [], 0
-    for doc_id, digest in new_df.select("doc_id", "content_sha256").iter_rows():
+    keep, rejected_reason, skipped, duplicates = [], [], 0, []
+    for doc_id, provider, digest in new_df.select("doc_id", "provider_id", "content_sha256").iter_rows():
         if digest in seen_hashes:
             keep.append(False)
             rejected_reason.append(None)
             skipped += 1
+            duplicates.append((doc_id, provider, *seen_hashes[digest]))
         elif doc_id in seen_doc_ids:
             keep.append(False)
             rejected_reason.append(
@@ -210,7 +251,7 @@ def merge_into_corpus(
         else:
             keep.append(True)
             rejected_reason.append(None)
-            seen_hashes.add(digest)
+            seen_hashes[digest] = (doc_id, provider)
             seen_doc_ids.add(doc_id)
     decided = new_df.with_columns(
         keep=pl.Series(keep, dtype=pl.Boolean), reason=pl.Series(rejected_reason, dtype=pl.String)
@@ -226,6 +267,7 @@ def merge_into_corpus(
         skipped_duplicates=skipped,
         rejected=rejected,
         providers_fully_rejected=fully_rejected,
+        duplicates=duplicates,
     )
     return to_append, report
 
@@ -237,7 +279,7 @@ def quarantine(path: str | Path, reason: str, rejected_dir: str | Path) -> Path:
     ``<stem>.2<suffix>``, ... is used. Returns the quarantined file's path.
     """
     path, rejected_dir = Path(path), Path(rejected_dir)
-    if not path.is_file():
+    if not (path.is_file() or path.is_symlink()):  # a symbolic link, even a broken one, is moved as a link
         raise FileNotFoundError(f"cannot quarantine {path}: it is not a file")
     rejected_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(0, 10_000):

@@ -1,7 +1,8 @@
 """Language-model side of the pipeline: tokenizer, tiny GPT-2 training, checkpoints, generation.
 
 Checkpoints are Hugging Face directories with safetensors weights only; pickle weights
-(``*.bin``, ``*.pt``) are refused and never unpickled.
+(``*.bin``, ``*.pt``) are refused and never unpickled. A PEFT LoRA adapter folder (``[model]
+adapter_dir``) is applied on top of a checkpoint with the same rule: ``adapter_model.safetensors`` only.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import polars as pl
 import torch
+from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
@@ -44,8 +46,12 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
-# Keys that transformers writes into JSON files but that do not change the model.
-VOLATILE_JSON_KEYS = frozenset({"transformers_version", "is_local", "local_files_only"})
+# Keys that transformers or peft write into JSON files but that do not change the model.
+VOLATILE_JSON_KEYS = frozenset(
+    {"transformers_version", "is_local", "local_files_only", "peft_version", "base_model_name_or_path"}
+)
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes into an adapter folder
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class CheckpointError(DataworthError):
@@ -253,8 +259,11 @@ def _check_checkpoint_files(directory: Path) -> None:
         )
 
 
-def load_checkpoint(directory: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Load a local causal-LM checkpoint (safetensors only) as (fp32 model in eval mode, tokenizer, hash).
+def load_checkpoint(
+    directory: str | Path, adapter_dir: str | Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load a local causal-LM checkpoint (safetensors only) as (fp32 model in eval mode, tokenizer, hash),
+    with the LoRA adapter in ``adapter_dir`` applied when given (`apply_adapter`; the hash is then combined).
 
     Raises CheckpointError for a missing directory, config, weights (or pickle-only
     weights) or tokenizer, and for architectures that are not causal LMs or have no
@@ -291,7 +300,99 @@ def load_checkpoint(directory: str | Path) -> tuple[PreTrainedModel, PreTrainedT
             f"{directory} holds a {config.model_type!r} model with no nn.Linear or Conv1D layers, "
             "which gradient projection needs; use a transformer causal LM"
         )
+    if adapter_dir:
+        adapted, digest = apply_adapter(model.eval(), checkpoint_hash(directory), adapter_dir)
+        return adapted, tokenizer, digest
     return model.eval(), tokenizer, checkpoint_hash(directory)
+
+
+def _adapter_files(directory: Path) -> list[Path]:
+    """The adapter's config and safetensors weights (none when the folder is gone)."""
+    files = [directory / ADAPTER_CONFIG, *directory.glob("*.safetensors")]
+    return sorted(path for path in files if path.is_file())
+
+
+def combined_hash(base_hash: str, adapter_dir: str | Path | None) -> str:
+    """The model's hash: the base checkpoint's hash alone, or with an adapter, sha256 over it and the
+    (file name, file sha256) of the adapter's config and weights, so a changed adapter is a new model."""
+    if not adapter_dir:
+        return base_hash
+    digest = hashlib.sha256(f"base\0{base_hash}\n".encode())
+    for path in _adapter_files(Path(adapter_dir)):
+        digest.update(f"adapter/{path.name}\0{_file_digest(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def model_files_hash(directory: str | Path, adapter_dir: str | Path | None = None) -> str:
+    """`combined_hash` of the files on disk: what load_checkpoint(directory, adapter_dir) returns."""
+    return combined_hash(checkpoint_hash(directory), adapter_dir)
+
+
+def check_adapter(directory: Path) -> None:
+    """Raise CheckpointError unless ``directory`` holds a PEFT adapter config and safetensors weights and
+    peft is installed (checked before training the embedded model the adapter goes on)."""
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"adapter directory {directory} does not exist; set [model] adapter_dir to a local folder written by "
+            'peft_model.save_pretrained(dir), or to "" for no adapter'
+        )
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(
+            f"{directory} has no {ADAPTER_CONFIG}; pass a PEFT adapter folder written by peft_model.save_pretrained"
+        )
+    if not (directory / ADAPTER_WEIGHTS).is_file():
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+        if pickled:
+            raise CheckpointError(
+                f"{directory} has only pickle adapter weights ({', '.join(pickled)}), which are refused because "
+                f"unpickling can run arbitrary code; convert them to {ADAPTER_WEIGHTS}, e.g. in a trusted "
+                "environment: PeftModel.from_pretrained(base, dir).save_pretrained(dir) (safetensors by default)"
+            )
+        raise CheckpointError(
+            f"{directory} has no {ADAPTER_WEIGHTS}; save the adapter with peft_model.save_pretrained(dir) "
+            "(safetensors) into this directory"
+        )
+    _peft(directory)
+
+
+def _peft(directory: Path):
+    """The peft module, or CheckpointError naming the adapter folder and the fix."""
+    try:
+        import peft
+    except ImportError as error:
+        raise CheckpointError(
+            f"[model] adapter_dir = {directory} needs the peft library, which is not installed: pip install peft"
+        ) from error
+    return peft
+
+
+def apply_adapter(model: PreTrainedModel, base_hash: str, adapter_dir: str | Path) -> tuple[nn.Module, str]:
+    """(PEFT model in eval mode, combined hash) of the LoRA adapter in ``adapter_dir`` applied on ``model``.
+
+    Only the adapter's factors are trainable (the base stays frozen); eval mode turns LoRA dropout off, as
+    capture needs. Raises CheckpointError naming the folder and the fix when peft is not installed, the
+    folder has no config or only pickle weights, or the adapter does not fit the base.
+    """
+    directory = Path(adapter_dir)
+    check_adapter(directory)
+    peft = _peft(directory)
+    fix = "use an adapter trained for this base ([model] checkpoint_dir, or the embedded GPT-2 of the [model] settings)"
+    try:
+        adapted = peft.PeftModel.from_pretrained(model, directory, is_trainable=True, local_files_only=True)
+        with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as weights:
+            saved = set(weights.keys())
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError) as error:
+        detail = " ".join(str(error).split())  # peft lists every mismatched weight, one per line
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise CheckpointError(f"{directory}: the adapter does not fit the base model ({detail}); {fix}") from error
+    # peft loads non-strictly: a factor the file lacks would keep its random init, one it has too many is dropped
+    expected = set(peft.get_peft_model_state_dict(adapted))
+    if unmatched := sorted(expected ^ saved):
+        raise CheckpointError(
+            f"{directory}: {len(unmatched)} adapter weight(s) do not match the base model's LoRA layers "
+            f"(first: {unmatched[0]}); {fix}"
+        )
+    return adapted.eval(), combined_hash(base_hash, directory)
 
 
 def context_length(model: PreTrainedModel) -> int:

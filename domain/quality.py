@@ -281,3 +281,163 @@ def evaluate(
         sums = group_sums(scores[:, len(queries) :], train_providers, n_groups)
         metrics["provider_acc"] = provider_accuracy(sums, query_providers)
     return metrics
+
+
+# --- Provider values against leave-provider-out retraining (issue 11) ---------------------------------------
+# A valuation claims: value_nats[p] = mean_q sum_{i in p} score(i, q) / N is the rise of the mean query loss
+# if p's rows were removed. The ground truth fine-tunes the fixed base on all rows and on all rows but those
+# of a removed set of providers (each provider alone, then random sets), with the same seeds, and measures the
+# difference of the mean query loss (nats). Shapes: P providers, R removals, S seeds, Q queries.
+
+
+@dataclass(frozen=True)
+class ProviderRetrainConfig:
+    """How the leave-provider-out ground truth is fine-tuned from the fixed base (AdamW, mean token loss)."""
+
+    seeds: int = 2  # S: fine-tunings per removal (and of the full set), differing in data order
+    random_sets: int = 4  # removals of a random set of providers, besides each provider alone
+    set_fraction: float = 0.3  # of the providers in each random set
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    bootstrap_samples: int = 1000
+
+    def retrain(self) -> RetrainConfig:
+        return RetrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed)
+
+
+def provider_removals(n_providers: int, config: ProviderRetrainConfig) -> list[list[int]]:
+    """Each provider alone, then `random_sets` seeded random sets of round(set_fraction * P) (at least 2)."""
+    generator = torch.Generator().manual_seed(config.seed + 104729)
+    size = min(max(2, round(config.set_fraction * n_providers)), n_providers)
+    sets = [sorted(torch.randperm(n_providers, generator=generator)[:size].tolist()) for _ in range(config.random_sets)]
+    return [[p] for p in range(n_providers)] + sets
+
+
+def predicted_removal_effects(group_sums: torch.Tensor, removals: Sequence[Sequence[int]], training_rows: int):
+    """(R,) float64 predicted rise of the mean query loss (nats) of each removal: the sum of the removed
+    providers' value_nats, value_nats[p] = mean_q group_sums[p, q] / training_rows (group_sums (P, Q))."""
+    value = group_sums.double().mean(1) / training_rows  # (P,)
+    return torch.stack([value[list(r)].sum() for r in removals])
+
+
+def measured_removal_effects(
+    base: nn.Module,
+    task: Task,
+    train: Sequence,
+    train_providers: torch.Tensor,
+    queries: Sequence,
+    removals: Sequence[Sequence[int]],
+    config: ProviderRetrainConfig,
+    progress=None,
+) -> torch.Tensor:
+    """(S, R, Q) float64 rise of each query's loss when the base is fine-tuned without the removed providers,
+    minus the same fine-tuning (same seed) on all rows."""
+    retrain = config.retrain()
+    out = torch.zeros(config.seeds, len(removals), len(queries), dtype=torch.float64)
+    for s in range(config.seeds):
+        seed = config.seed * 1000 + s
+        full = example_losses(fine_tune(base, task, train, retrain, seed), task, queries)
+        for r, removed in enumerate(removals):
+            keep = ~torch.isin(train_providers, torch.tensor(list(removed)))
+            subset = [train[i] for i in keep.nonzero().flatten().tolist()]
+            out[s, r] = example_losses(fine_tune(base, task, subset, retrain, seed), task, queries) - full
+            if progress:
+                progress(s * len(removals) + r + 1, config.seeds * len(removals))
+    return out
+
+
+def calibration(predicted, measured) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line measured = intercept + slope * predicted."""
+    x, y = np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return float("nan"), float("nan")
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept)
+
+
+def removal_agreement(predicted, measured, singles: int) -> dict[str, float]:
+    """Spearman across providers (the first `singles` removals: each provider alone), calibration slope and
+    intercept and the fraction of correct signs over every removal; predicted, measured (R,)."""
+    predicted, measured = np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+    slope, intercept = calibration(predicted, measured)
+    return {
+        "spearman": spearman(predicted[:singles], measured[:singles]),
+        "slope": slope,
+        "intercept": intercept,
+        "sign_agreement": float((np.sign(predicted) == np.sign(measured)).mean()),
+    }
+
+
+def provider_value_benchmark(
+    predicted: torch.Tensor,
+    measured: torch.Tensor,
+    singles: int,
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Agreement of predicted (R,) and measured (S, R, Q) removal effects: `removal_agreement` on the mean
+    over seeds and queries, each with a percentile bootstrap interval over queries (resampled, then the
+    mean taken again), and the seed-to-seed Spearman of the measured effects (how much of the ground truth
+    is removal effect rather than fine-tuning noise; nan with one seed)."""
+    measured = measured.double()
+    point = removal_agreement(predicted, measured.mean((0, 2)), singles)
+    generator = torch.Generator().manual_seed(seed)
+    n_queries = measured.shape[2]
+    draws = {k: [] for k in point}
+    for _ in range(samples):
+        picks = torch.randint(n_queries, (n_queries,), generator=generator)
+        for key, value in removal_agreement(predicted, measured[:, :, picks].mean((0, 2)), singles).items():
+            draws[key].append(value)
+    out = dict(point)
+    for key, values in draws.items():
+        values = np.asarray(values)
+        values = values[np.isfinite(values)]
+        low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) if len(values) else (np.nan, np.nan)
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low), float(high)
+    per_seed = measured.mean(2)  # (S, R)
+    out["seed_agreement"] = spearman(per_seed[0], per_seed[1]) if measured.shape[0] > 1 else float("nan")
+    out["removals"] = float(measured.shape[1])
+    out["seeds"] = float(measured.shape[0])
+    return out
+
+
+def evaluate_provider_values(
+    model: nn.Module,
+    task: Task,
+    train: Sequence,
+    train_providers: torch.Tensor,
+    queries: Sequence,
+    projection: ProjectionConfig,
+    curvature: CurvatureConfig,
+    config: ProviderRetrainConfig,
+    *,
+    query_providers: torch.Tensor | None = None,
+    normalize: str = "none",
+    progress=None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Provider values of one configuration (queries: (ids, n_prompt) pairs whose completions are measured)
+    against leave-provider-out fine-tuning: `provider_value_benchmark` metrics, plus provider-id top-1
+    accuracy when each query has a provider (query_providers (Q,), -1 for none). Also returns the arrays:
+    group_sums (P, Q), removals (R, P) bool, predicted (R,), measured (S, R, Q)."""
+    n_providers = int(train_providers.max()) + 1
+    gradients = capture(model, task, train, queries, projection, fishers=(curvature.fisher,))
+    sums = group_sums(score_matrix(gradients, curvature, normalize), train_providers, n_providers)
+    removals = provider_removals(n_providers, config)
+    predicted = predicted_removal_effects(sums, removals, len(train))
+    measured = measured_removal_effects(model, task, train, train_providers, queries, removals, config, progress)
+    metrics = provider_value_benchmark(
+        predicted, measured, n_providers, samples=config.bootstrap_samples, seed=config.seed
+    )
+    metrics["train_sequences"] = float(len(train))
+    metrics["queries"] = float(len(queries))
+    if query_providers is not None and (query_providers >= 0).any():
+        labelled = query_providers >= 0
+        metrics["provider_acc"] = provider_accuracy(sums[:, labelled], query_providers[labelled])
+    mask = torch.zeros(len(removals), n_providers, dtype=torch.bool)
+    for row, removed in zip(mask, removals):
+        row[list(removed)] = True
+    return metrics, {"group_sums": sums, "removals": mask, "predicted": predicted, "measured": measured}

@@ -1,7 +1,12 @@
 """Valuation queries: the query file, the completions whose loss is measured, their projected gradients.
 
-A query file holds one JSON object per line, `{"query_id": "q0", "prompt": "..."}`. The model's greedy
-completion of each prompt is the measured text: its tokens' summed NLL is the query's loss.
+A query file holds one JSON object per line, `{"query_id": "q0", "prompt": "...", "completion": "...",
+"group": "..."}`; completion and group are optional. The completion is the measured text: its tokens'
+summed NLL under the model is the query's loss (nats). A line with its own reference completion (e.g. the
+continuation of a held-out document) measures that text; a line without one measures the model's greedy
+completion of the prompt. A reference completion is cut, at a token boundary, to what fits in the model's
+context after the prompt. `group` (e.g. the provider a held-out document came from) gives a per-group
+breakdown of provider values.
 """
 
 import hashlib
@@ -9,14 +14,16 @@ import json
 from pathlib import Path
 
 import polars as pl
+import torch
 
 from dataworth import CausalLMTask, LoGra, Projection
 from dataworth.errors import DataworthError
-from domain.lm import QueryTooLongError, generate_completions
+from domain.lm import QueryTooLongError, context_length, generate_completions
 from domain.settings import Settings
 from resources.codecs import gradients_to_binary
 
-EXAMPLE_LINE = '{"query_id": "q0", "prompt": "..."}'
+EXAMPLE_LINE = '{"query_id": "q0", "prompt": "...", "completion": "... (optional)", "group": "... (optional)"}'
+RESERVED_GROUP = "all"  # a group name the per-group breakdown could confuse with all queries
 
 
 class QueryFileError(DataworthError, ValueError):
@@ -48,6 +55,13 @@ def read_prompts(path: Path) -> list[dict]:
             raise QueryFileError(
                 f"query file {path} line {number} repeats query_id {query_id!r}; give every query its own id"
             )
+        for key in ("completion", "group"):
+            if key in row and row[key] is not None and not (isinstance(row[key], str) and row[key].strip()):
+                raise QueryFileError(
+                    f"query file {path} line {number}: {key} must be a non-empty string when given, like {EXAMPLE_LINE}"
+                )
+        if row.get("group") == RESERVED_GROUP:
+            raise QueryFileError(f"query file {path} line {number}: group {RESERVED_GROUP!r} is reserved; rename it")
         seen.add(query_id)
         lines.append(row)
     if not lines:
@@ -71,16 +85,47 @@ def encode_queries(tokenizer, prompts: list[str], completions: list[str]) -> lis
     return out
 
 
-def query_rows(model, tokenizer, projection: Projection, settings: Settings, prompts: list[dict]) -> pl.DataFrame:
-    """valuation_queries rows (without the hash columns): prompt, greedy completion, token counts, gradient."""
-    texts = [p["prompt"] for p in prompts]
+def fit_reference(tokenizer, prompt: str, completion: str, context: int) -> str:
+    """`completion` cut at a token boundary so that prompt + completion fit in `context` tokens."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.bos_token_id]
+    room = context - len(prompt_ids)
+    if room < 1:
+        raise QueryTooLongError(f"prompt has {len(prompt_ids)} tokens; the context ({context}) leaves no room")
+    ids = tokenizer.encode(completion, add_special_tokens=False)
+    return completion if len(ids) <= room else tokenizer.decode(ids[:room])
+
+
+def completions_of(model, tokenizer, settings: Settings, prompts: list[dict]) -> list[str]:
+    """The measured completion of each query line: its reference (cut to the context) or the greedy one."""
+    greedy = [i for i, p in enumerate(prompts) if not p.get("completion")]
+    completions = [p.get("completion") or "" for p in prompts]
+    position = None
     try:
-        completions = generate_completions(
-            model, tokenizer, texts, max_new_tokens=settings.queries.max_new_tokens, seed=settings.queries.seed
+        for position, p in enumerate(prompts):
+            if p.get("completion"):
+                completions[position] = fit_reference(tokenizer, p["prompt"], p["completion"], context_length(model))
+        position = None
+        generated = generate_completions(
+            model,
+            tokenizer,
+            [prompts[i]["prompt"] for i in greedy],
+            max_new_tokens=settings.queries.max_new_tokens,
+            seed=settings.queries.seed,
         )
     except QueryTooLongError as error:
-        where = f"query {prompts[error.index]['query_id']!r} of {settings.queries_path()}"
-        raise QueryTooLongError(f"{where}: {error}", error.index) from None
+        position = greedy[error.index] if position is None else position
+        where = f"query {prompts[position]['query_id']!r} of {settings.queries_path()}"
+        raise QueryTooLongError(f"{where}: {error}", position) from None
+    for i, text in zip(greedy, generated):
+        completions[i] = text
+    return completions
+
+
+def query_rows(model, tokenizer, projection: Projection, settings: Settings, prompts: list[dict]) -> pl.DataFrame:
+    """valuation_queries rows (without the hash columns): prompt, measured completion (reference or greedy),
+    token counts, group, the completion's loss (summed NLL, nats) and the gradient of that loss."""
+    texts = [p["prompt"] for p in prompts]
+    completions = completions_of(model, tokenizer, settings, prompts)
     examples = encode_queries(tokenizer, texts, completions)
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
     logra = LoGra(model, task, projection=projection, batch_size=settings.capture_batch_size)
@@ -90,8 +135,26 @@ def query_rows(model, tokenizer, projection: Projection, settings: Settings, pro
             "query_id": [p["query_id"] for p in prompts],
             "prompt": texts,
             "completion": completions,
+            "reference": [bool(p.get("completion")) for p in prompts],
+            "query_group": [p.get("group") for p in prompts],
             "prompt_tokens": [n for _, n in examples],
             "completion_tokens": [len(ids) - n for ids, n in examples],
+            "loss": query_losses(model, task, examples).tolist(),
         },
-        schema_overrides={"prompt_tokens": pl.Int64, "completion_tokens": pl.Int64},
+        schema_overrides={
+            "prompt_tokens": pl.Int64,
+            "completion_tokens": pl.Int64,
+            "query_group": pl.String,
+            "loss": pl.Float64,
+        },
     ).with_columns(gradient=gradients_to_binary(gradients))
+
+
+@torch.no_grad()
+def query_losses(model, task: CausalLMTask, examples: list[tuple[list[int], int]]) -> torch.Tensor:
+    """(Q,) float64 summed NLL (nats) of each query's completion tokens, one query at a time."""
+    was_training = model.training
+    model.eval()
+    losses = torch.tensor([float(task.query_loss(model, task.collate([e]))) for e in examples], dtype=torch.float64)
+    model.train(was_training)
+    return losses

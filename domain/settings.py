@@ -5,14 +5,19 @@ below (the embedded default). Each asset's code version hashes only the sections
 changing damping re-versions `influence_scores` and what follows, never the gradients.
 """
 
+import difflib
 import hashlib
 import json
 import os
+import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from dataworth.config import CurvatureConfig, ProjectionConfig
+from dataworth.config import CURVATURES, DAMPING_MODES, FISHERS, PROJECTION_INITS, CurvatureConfig, ProjectionConfig
+from dataworth.errors import ConfigError
+from dataworth.scoring import NORMALIZATIONS
 from resources.state import PROJECT_ROOT, dataworth_home
 
 CODE_VERSION = "1"  # bump when an asset's code changes what it writes
@@ -24,11 +29,13 @@ class CorpusSettings:
     landing_dir: str = ""  # folder providers drop files into; "" = $DATAWORTH_HOME/landing
     seed_embedded_corpus: bool = True  # copy data/embedded_corpus into an empty landing folder
     docs_per_shard: int = 48  # documents of one batch per shard (= per Dagster partition)
+    settle_seconds: float = 10.0  # a landing file is taken once unchanged this long (see domain/staging.py)
 
 
 @dataclass(frozen=True)
 class ModelSettings:
     checkpoint_dir: str = ""  # local HF causal-LM directory (safetensors); "" = train the embedded GPT-2
+    adapter_dir: str = ""  # local PEFT LoRA adapter folder (save_pretrained) applied on the base; "" = none
     vocab_size: int = 4096  # embedded tokenizer
     n_layer: int = 2  # embedded GPT-2 shape
     n_head: int = 4
@@ -66,6 +73,20 @@ class AutomationSettings:
 
 
 @dataclass(frozen=True)
+class DeploymentSettings:
+    executor: str = "multiprocess"  # where steps run: "multiprocess" (this machine), "ray" or "k8s" (a cluster)
+    max_concurrent: int = 2  # steps at once (multiprocess)
+    ray_address: str = "http://127.0.0.1:8265"  # the Ray cluster's job-submission (dashboard) address
+    gpus_per_model_step: float = 0  # GPUs each step that runs the model requests (training, capture, queries)
+    cpus_per_step: float = 1  # CPUs every step requests on Ray or k8s
+    gpu_steps_at_once: int = 0  # pool: at most this many GPU steps run at once (0 = no limit)
+    memory_per_model_step: str = "8Gi"  # memory each model step requests and may use on k8s (a k8s quantity)
+    k8s_secret: str = "dataworth-s3"  # k8s Secret whose keys every step pod gets as env vars (S3 credentials)
+    k8s_namespace: str = ""  # namespace of the step pods; "" = the run launcher's (the Helm release's)
+    k8s_image: str = ""  # image of the step pods; "" = the image of the user-code deployment
+
+
+@dataclass(frozen=True)
 class Settings:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -78,38 +99,63 @@ class Settings:
     queries: QuerySettings = field(default_factory=QuerySettings)
     scores: ScoreSettings = field(default_factory=ScoreSettings)
     automation: AutomationSettings = field(default_factory=AutomationSettings)
+    deployment: DeploymentSettings = field(default_factory=DeploymentSettings)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Settings":
-        """Nested dict (as in settings.toml) -> Settings; unknown keys are an error naming them."""
+    def from_dict(cls, data: dict, source: str = "settings") -> "Settings":
+        """Nested dict (as in settings.toml) -> Settings, every key, type, range and choice checked.
+
+        Any problem raises one `SettingsError` line: `<source>: [section] key = value: problem; fix`."""
+        if not isinstance(data, dict):
+            raise SettingsError(f"{source}: must be a table of sections, got {data!r}")
         kwargs = {}
-        for f in fields(cls):
-            if f.name not in data:
-                continue
-            value = data[f.name]
-            if isinstance(value, dict):
-                section = f.default_factory()
-                unknown = set(value) - {g.name for g in fields(section)}
-                if unknown:
-                    raise ValueError(f"settings section [{f.name}] has unknown keys {sorted(unknown)}")
-                value = replace(section, **value)
-            kwargs[f.name] = value
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"settings have unknown sections/keys {sorted(unknown)}")
-        return cls(**kwargs)
+        for name, value in data.items():
+            spec = _FIELDS.get(name)
+            if spec is None:
+                raise SettingsError(f"{source}: {_unknown(None, name, value, list(_FIELDS))}")
+            default = spec.default_factory() if spec.default_factory is not MISSING else None
+            if is_dataclass(default):
+                if not isinstance(value, dict):
+                    raise SettingsError(f"{source}: {name} = {value!r}: must be a [{name}] section; write it as one")
+                kwargs[name] = _section(source, name, type(default), value)
+            else:
+                kwargs[name] = _value(source, None, name, value, _HINTS[name])
+        settings = cls(**kwargs)
+        if problem := _cross_check(settings):
+            raise SettingsError(f"{source}: {problem}")
+        return settings
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Settings":
-        """From `path`, $DATAWORTH_SETTINGS, $DATAWORTH_HOME/settings.toml, or the defaults."""
+        """From `path`, $DATAWORTH_SETTINGS, $DATAWORTH_HOME/settings.toml, or the defaults; validated whole."""
         path = path or os.environ.get(SETTINGS_ENV) or dataworth_home() / "settings.toml"
         path = Path(path)
         if not path.exists():
             if os.environ.get(SETTINGS_ENV):
-                raise FileNotFoundError(f"{SETTINGS_ENV}={path} does not exist; create it or unset the variable")
+                raise SettingsError(
+                    f"settings file {SETTINGS_ENV}={path} does not exist; create it or unset the variable"
+                )
             return cls()
-        with path.open("rb") as f:
-            return cls.from_dict(tomllib.load(f))
+        source = f"settings file {path}"
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as error:
+            raise SettingsError(f"{source}: is not valid TOML ({error}); fix the syntax (https://toml.io)") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise SettingsError(f"{source}: cannot be read ({error}); make it a readable UTF-8 file") from None
+        settings = cls.from_dict(data, source)
+        try:  # the path settings, resolved as they will be used
+            if settings.corpus.landing_dir:
+                checked_landing_dir(settings.corpus.landing_dir)
+            if settings.model.checkpoint_dir:
+                operator_path(settings.model.checkpoint_dir, "[model] checkpoint_dir")
+            if settings.model.adapter_dir:
+                operator_path(settings.model.adapter_dir, "[model] adapter_dir")
+            settings.queries_path()
+        except UnsafePathError as error:
+            raise SettingsError(f"{source}: {error}") from None
+        return settings
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -125,11 +171,258 @@ class Settings:
         return f"{CODE_VERSION}-{digest[:12]}"
 
     def queries_path(self) -> Path:
-        return configured_path(self.queries.queries_file, "[queries] queries_file")
+        return operator_path(self.queries.queries_file, "[queries] queries_file")
+
+
+class SettingsError(ConfigError):
+    """A settings file is invalid: one line naming the file, the key, the value and the fix."""
 
 
 class UnsafePathError(ValueError):
-    """A configured path leads outside the project root and DATAWORTH_HOME."""
+    """A configured path leads outside the project root and DATAWORTH_HOME, or onto a folder of ours."""
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+_HINTS = typing.get_type_hints(Settings)
+_AT_LEAST_1 = (1, None)
+RULES: dict[str, tuple] = {  # "section.key" -> (minimum, exclusive minimum) or a tuple of choices
+    "corpus.docs_per_shard": _AT_LEAST_1,
+    "corpus.settle_seconds": (0, None),
+    **{f"model.{k}": _AT_LEAST_1 for k in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions")},
+    "model.train_steps": _AT_LEAST_1,
+    "model.train_batch_size": _AT_LEAST_1,
+    "model.learning_rate": (None, 0),
+    "model.seed": (0, None),
+    "shards.seq_len": (2, None),
+    "projection.rank_in": _AT_LEAST_1,
+    "projection.rank_out": _AT_LEAST_1,
+    "projection.init": PROJECTION_INITS,
+    "projection.seed": (0, None),
+    "curvature.kind": CURVATURES,
+    "curvature.fisher": FISHERS,
+    "curvature.damping": (None, 0),
+    "curvature.damping_mode": DAMPING_MODES,
+    "capture_batch_size": _AT_LEAST_1,
+    "queries.max_new_tokens": _AT_LEAST_1,
+    "queries.seed": (0, None),
+    "scores.top_k": _AT_LEAST_1,
+    "scores.normalize": NORMALIZATIONS,
+    "scores.bootstrap_samples": _AT_LEAST_1,
+    "scores.block_rows": _AT_LEAST_1,
+    "deployment.executor": ("multiprocess", "ray", "k8s"),
+    "deployment.gpus_per_model_step": (0, None),
+    "deployment.cpus_per_step": (0, None),
+}
+K8S_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")  # "8Gi", "512Mi", "0.5"
+K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a Secret's or namespace's name (RFC 1123 label)
+
+
+def _key(section: str | None, key: str) -> str:
+    return f"[{section}] {key}" if section else key
+
+
+def _unknown(section: str | None, key: str, value, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    what = "key" if section or not isinstance(value, dict) else "section"
+    where = f"[{section}] {key}" if section else (f"[{key}]" if what == "section" else key)
+    return f"{where}: unknown {what}; {hint}(known: {', '.join(sorted(known))})"
+
+
+def _section(source: str, name: str, cls: type, values: dict):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    checked = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise SettingsError(f"{source}: {_unknown(name, key, value, known)}")
+        checked[key] = _value(source, name, key, value, hints[key])
+    try:
+        return cls(**checked)
+    except (ConfigError, TypeError, ValueError) as error:  # the engine's own checks, should ours miss one
+        raise SettingsError(f"{source}: [{name}] {error}") from None
+
+
+def _value(source: str, section: str | None, key: str, value, hint):
+    """`value` checked against the field's type and rule; converted (lists to tuples, ints to floats)."""
+
+    given = value
+
+    def fail(problem: str):
+        raise SettingsError(f"{source}: {_key(section, key)} = {given!r}: {problem}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("must be true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("must be an integer (write it without quotes)")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail("must be a number (write it without quotes)")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            fail('must be a string (write it in quotes: "...")')
+    elif origin is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            fail('must be a list of strings, like ["lm_head"]')
+        value = tuple(value)
+    elif origin is dict:
+        if not isinstance(value, dict):
+            fail('must be a table, like { "*.mlp.*" = ... }')
+        item = args[1]
+        for name, v in value.items():
+            if typing.get_origin(item) is tuple:  # ranks: glob -> [k_in, k_out]
+                ok = isinstance(v, list | tuple) and len(v) == 2
+                ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)
+                if not ok:
+                    fail(f"entry {name!r} must be [rank_in, rank_out], two integers >= 1")
+            elif isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                fail(f"entry {name!r} must be a number > 0")
+    if section == "deployment" and key == "memory_per_model_step" and not K8S_QUANTITY.fullmatch(value):
+        fail('must be a Kubernetes quantity, like "8Gi" or "512Mi"')
+    if section == "deployment" and key in ("k8s_secret", "k8s_namespace") and value:
+        if len(value) > 63 or not K8S_NAME.fullmatch(value):
+            fail("must be a Kubernetes name: lower-case letters, digits and '-', at most 63 characters")
+    if section == "automation" and key == "revaluation_cron" and (problem := cron_problem(value)):
+        fail(problem)
+    if section == "queries" and key == "queries_file" and not value.strip():
+        fail("must name a query file")
+    rule = RULES.get(f"{section}.{key}" if section else key)
+    if rule is None:
+        return value
+    if isinstance(rule[0], str):
+        if value not in rule:
+            fail(f"must be one of {rule}")
+    elif rule[0] is not None and value < rule[0]:
+        fail(f"must be >= {rule[0]}")
+    elif rule[1] is not None and not value > rule[1]:
+        fail(f"must be > {rule[1]}")
+    return value
+
+
+def _cross_check(settings: "Settings") -> str | None:
+    """Problems between fields: the embedded GPT-2's shape, sequences longer than its context."""
+    m = settings.model
+    if not m.checkpoint_dir:
+        if m.n_embd % m.n_head:
+            return f"[model] n_embd = {m.n_embd}: must be a multiple of [model] n_head = {m.n_head}"
+        if settings.shards.seq_len > m.n_positions:
+            return (
+                f"[shards] seq_len = {settings.shards.seq_len}: must be <= [model] n_positions = {m.n_positions} "
+                "(the embedded model's context); lower seq_len or raise n_positions"
+            )
+    d = settings.deployment
+    if d.executor == "k8s" and d.gpus_per_model_step != int(d.gpus_per_model_step):
+        return (
+            f"[deployment] gpus_per_model_step = {d.gpus_per_model_step}: must be a whole number with "
+            'executor = "k8s" (Kubernetes schedules whole GPUs)'
+        )
+    return None
+
+
+_CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+_MONTHS = {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())}
+_DAYS = {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}
+_CRON_FIELDS = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
+)
+_CRON_HELP = "5 fields: minute hour day-of-month month day-of-week, like '0 3 * * *', or @hourly, @daily, ..."
+
+
+def _cron_number(text: str, name: str, low: int, high: int, names: dict) -> tuple[int | None, str | None]:
+    number = names.get(text.lower()) if text.lower() in names else (int(text) if text.isdigit() else None)
+    if number is None:
+        return None, f"{name} {text!r} is not a number; a cron string has {_CRON_HELP}"
+    if not low <= number <= high:
+        return None, f"{name} {number} is out of range {low}-{high}"
+    return number, None
+
+
+def cron_problem(cron: str) -> str | None:
+    """What is wrong with a cron string (as Dagster's schedules read it), or None when it is valid."""
+    text = cron.strip()
+    if text.lower() in _CRON_ALIASES:
+        return None
+    parts = text.split()
+    if len(parts) != 5:
+        return f"has {len(parts)} field(s); a cron string has {_CRON_HELP}"
+    single = []
+    for part, (name, low, high, names) in zip(parts, _CRON_FIELDS):
+        values = []
+        for item in part.split(","):
+            if (item == "?" and name.startswith("day")) or (item == "L" and name == "day of month"):
+                continue
+            if name == "day of week" and (match := re.fullmatch(r"(\w+)#(\d+)", item)):
+                if (problem := _cron_number(match[1], name, 0, 6, names)[1]) or not 1 <= int(match[2]) <= 5:
+                    return problem or f"{name} {item!r}: the week number after # must be 1-5"
+                continue
+            base, slash, step = item.partition("/")
+            if slash and not (step.isdigit() and int(step) >= 1):
+                return f"{name} {item!r}: the step after / must be a whole number >= 1"
+            if base == "*":
+                continue
+            for bound in base.split("-", 1):
+                number, problem = _cron_number(bound, name, low, high, names)
+                if problem:
+                    return problem
+                values.append(number)
+        single.append(values if len(values) == 1 and "-" not in part and "/" not in part else None)
+    if single[3] == [2] and single[2] and single[2][0] in (30, 31):
+        return f"day {single[2][0]} of February never comes"
+    return None
+
+
+LANDING_CODE_FOLDERS = (
+    "assets", "benchmarks", "data", "dataworth", "deployments", "docs", "domain", "examples", "pipelines",
+    "resources", "tests",
+)  # fmt: skip
+STATE_SUBFOLDERS = ("delta", "mlflow", "dagster", "batches", "models", "projections", "reports")
+
+
+def checked_landing_dir(value: str) -> Path:
+    """The folder `[corpus] landing_dir` names, refused when staging would move files of ours out of it:
+    the state folder itself or one of its own subfolders, a folder holding the state folder or the
+    project, the project root, or a code folder of the project (or any folder inside those)."""
+    setting = "[corpus] landing_dir"
+    folder = configured_path(value, setting)
+    home, root = dataworth_home(), PROJECT_ROOT.resolve()
+    code = [root / name for name in LANDING_CODE_FOLDERS] + [
+        p for p in root.glob(".*") if p.is_dir() and p.resolve() != home
+    ]
+    if folder == home:
+        problem = f"is the state folder {home}"
+    elif home.is_relative_to(folder) or root.is_relative_to(folder):
+        problem = f"holds the state folder {home} or the project {root}"
+    elif any(folder.is_relative_to(home / name) for name in STATE_SUBFOLDERS):
+        problem = f"lies inside a folder the pipeline writes ({home}/{{{','.join(STATE_SUBFOLDERS)}}})"
+    elif any(folder.is_relative_to(p) for p in code):
+        problem = f"lies inside a code or data folder of the project {root}"
+    else:
+        return folder
+    raise UnsafePathError(
+        f"{setting} = {value!r} resolves to {folder}, which {problem}: staging moves every file it finds there "
+        f"(settings, scripts) into _rejected/; point it at a folder of its own, such as {home / 'landing'}"
+    )
+
+
+def operator_path(value: str, setting: str) -> Path:
+    """The absolute local path an operator's read-only input names: anywhere (a Hugging Face cache, /models).
+
+    The operator's settings are trusted. The landing folder is the exception (`checked_landing_dir`):
+    staging moves files out of it, so it stays under the roots. Relative values are resolved against the
+    project root, `~` expanded, symlinks resolved."""
+    if "://" in value:
+        raise UnsafePathError(f"{setting} = {value!r} is a URI; give a local directory (copy the files there first)")
+    return (PROJECT_ROOT / Path(value).expanduser()).resolve()
 
 
 def configured_path(value: str, setting: str) -> Path:

@@ -14,18 +14,41 @@ from pathlib import Path
 
 from resources.state import PROJECT_ROOT, dagster_home, dataworth_home, mlflow_dir
 
-DAGSTER_YAML = """telemetry:
+# Dagster waits 180 s by default for a code server to load the definitions; the first start on a busy
+# 2-core machine (cold imports of torch, transformers, mlflow) can take longer, and `dagster dev` then exits.
+CODE_SERVER_STARTUP_TIMEOUT_S = 600
+DAGSTER_YAML = f"""telemetry:
   enabled: false
+code_servers:
+  local_startup_timeout: {CODE_SERVER_STARTUP_TIMEOUT_S}
 """
 
 
 def use_state_folder() -> None:
-    """Point Dagster at `$DATAWORTH_HOME/dagster` (runs of the CLI and the UI share one instance)."""
+    """Point Dagster at `$DATAWORTH_HOME/dagster` (runs of the CLI and the UI share one instance).
+
+    Writes its dagster.yaml on first use; one written by an older version gets the code-server startup
+    timeout added (a timeout the user set is kept, as is every other key).
+    """
+    import yaml
+
     home = dagster_home()
     os.environ["DAGSTER_HOME"] = str(home)
     config = home / "dagster.yaml"
     if not config.exists():
         config.write_text(DAGSTER_YAML)
+        return
+    text = config.read_text()
+    current = yaml.safe_load(text) or {}
+    if not isinstance(current, dict):
+        return  # not ours to fix: Dagster reports a malformed dagster.yaml itself
+    servers = current.get("code_servers")
+    if servers is None:  # append, keeping the user's comments and layout
+        block = f"code_servers:\n  local_startup_timeout: {CODE_SERVER_STARTUP_TIMEOUT_S}\n"
+        config.write_text(text + ("" if text.endswith("\n") or not text else "\n") + block)
+    elif isinstance(servers, dict) and "local_startup_timeout" not in servers:
+        servers["local_startup_timeout"] = CODE_SERVER_STARTUP_TIMEOUT_S
+        config.write_text(yaml.safe_dump(current, sort_keys=False))
 
 
 def plan_runs(instance, settings, versions: dict[str, str]) -> list:
@@ -35,20 +58,15 @@ def plan_runs(instance, settings, versions: dict[str, str]) -> list:
     from pipelines.automation import stale_work
     from resources.delta import DeltaStore
 
-    staged = stage_landing(settings, set(instance.get_dynamic_partitions(shard_partitions.name)))
+    staged = stage_landing(settings, set(instance.get_dynamic_partitions(shard_partitions.name)), wait=True)
     if staged.seeded:
         print(f"seeded the embedded corpus into {staged.folder}")
-    for name, reason in staged.plan.quarantined.items():
-        print(f"quarantined {name} (see {staged.folder / '_rejected'}): {reason}", file=sys.stderr)
-    if staged.plan.already_ingested:
-        print(
-            f"already ingested, moved to {staged.folder / '_already_ingested'}: "
-            f"{', '.join(staged.plan.already_ingested)}"
-        )
+    for line in staged.plan.report():  # every landing entry not simply staged, and why (folder: staged.folder)
+        print(line, file=sys.stderr if line.startswith("quarantined") else sys.stdout)
     if staged.new_shards:
         instance.add_dynamic_partitions(shard_partitions.name, staged.new_shards)
         print(f"staged {len(staged.plan.batches)} batch(es): {len(staged.new_shards)} new shard(s)")
-    return stale_work(instance, DeltaStore(), versions)
+    return stale_work(instance, DeltaStore(), versions, settings=settings)
 
 
 def run(_args) -> int:
@@ -92,17 +110,13 @@ def print_summary() -> None:
     delta = DeltaStore()
     if delta.exists("provider_valuations"):
         from domain.artifacts import latest_row
+        from domain.valuation import summary_lines
 
         vid = latest_row(delta, "valuation_provenance")["valuation_id"]
-        table = delta.read("provider_valuations", where={"valuation_id": vid}).sort("total_value", descending=True)
-        print(f"\nvaluation {vid} (MLflow run {table['mlflow_run_id'][0]}):")
-        for p, total, share, lo, hi in table.select(
-            "provider_id", "total_value", "share", "ci_low", "ci_high"
-        ).iter_rows():
-            print(
-                f"  {p:<14} total {total:+.4g}  share of positive value {share:6.1%}  "
-                f"95% interval [{lo:+.3g}, {hi:+.3g}]"
-            )
+        table = delta.read("provider_valuations", where={"valuation_id": vid})
+        if "verdict" in table.columns:  # a valuation written before the nats unit has no verdict: skip it
+            print(f"\nvaluation {vid} (MLflow run {table['mlflow_run_id'][0]}):")
+            print("\n".join(summary_lines(table)))
     print(
         f"\nState folder: {dataworth_home()}\n"
         f"Dagster UI:  cd {PROJECT_ROOT} && .venv/bin/dataworth ui          -> http://127.0.0.1:3000\n"
@@ -117,6 +131,7 @@ def tool(name: str) -> str:
 
 
 def ui(args) -> int:
+    """`dagster dev` on the state folder's instance, stopped with everything it started on Ctrl-C or SIGTERM."""
     use_state_folder()
     command = [
         tool("dagster"),
@@ -128,13 +143,112 @@ def ui(args) -> int:
         "-p",
         str(args.port),
     ]
-    os.execvp(command[0], command)
+    return run_process_group(command, cwd=PROJECT_ROOT)
+
+
+def run_process_group(command: list[str], cwd: Path | None = None, grace_s: float = 60.0) -> int:
+    """Run `command` in its own process group until it exits; return its exit code.
+
+    The first SIGINT, SIGTERM or SIGHUP is forwarded as SIGINT to the command alone (`dagster dev` then stops
+    its webserver, daemon and code servers in order). If the command has not exited `grace_s` later, or a
+    second signal arrives, the whole group gets SIGTERM, and SIGKILL 10 s after that. Whatever is left of the
+    group once the command has exited (a code server, a run worker) gets SIGTERM, then SIGKILL: nothing started
+    here outlives this function.
+    """
+    import signal
+    import subprocess
+
+    deadline: list[float] = []  # when to escalate; set by the first signal
+    child: list[subprocess.Popen] = []
+
+    def forward(signum, _frame) -> None:
+        if not deadline:
+            name = signal.Signals(signum).name
+            print(f"\n{name}: stopping {Path(command[0]).name} (again to stop at once)...", file=sys.stderr)
+            deadline.append(time.monotonic() + grace_s)
+            if child:
+                _signal_group(child[0].pid, signal.SIGINT, leader_only=True)
+        else:
+            deadline[0] = min(deadline[0], time.monotonic())
+
+    # Handlers go in before the spawn: a signal handled here is reset to its default in the child, whereas an
+    # ignored one (SIGINT in a background job of a script) would stay ignored and `dagster dev` deaf to it.
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        child.append(subprocess.Popen(command, cwd=cwd, start_new_session=True))
+        if deadline:  # a signal arrived while spawning
+            _signal_group(child[0].pid, signal.SIGINT, leader_only=True)
+        escalation = [signal.SIGTERM, signal.SIGKILL]
+        while child[0].poll() is None:
+            if deadline and time.monotonic() >= deadline[0] and escalation:
+                _signal_group(child[0].pid, escalation.pop(0))
+                deadline[0] = time.monotonic() + 10
+            time.sleep(0.2)
+    finally:
+        if child:
+            _end_group(child[0].pid)
+            if child[0].poll() is None:
+                child[0].kill()
+                child[0].wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    code = child[0].returncode
+    return code if code >= 0 else 128 - code
+
+
+def _signal_group(pgid: int, signum: int, leader_only: bool = False) -> None:
+    try:
+        os.kill(pgid, signum) if leader_only else os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_members(pgid: int) -> list:
+    import psutil
+
+    members = []
+    for process in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def _end_group(pgid: int, wait_s: float = 10.0) -> None:
+    """SIGTERM the group's live members, then SIGKILL those still alive after `wait_s`."""
+    import psutil
+
+    members = _group_members(pgid)
+    if not members:
+        return
+    print(f"stopping {len(members)} leftover process(es): {'; '.join(map(_describe, members))}", file=sys.stderr)
+    for process in members:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(members, timeout=wait_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=wait_s)
+
+
+def _describe(process) -> str:
+    try:
+        return " ".join(process.cmdline())[:100] or process.name()
+    except Exception:
+        return str(process.pid)
 
 
 def mlflow_ui(args) -> int:
     store = f"sqlite:///{mlflow_dir() / 'mlflow.db'}"
     command = [tool("mlflow"), "ui", "--backend-store-uri", store, "--host", args.host, "--port", str(args.port)]
-    os.execvp(command[0], command)
+    return run_process_group(command)
 
 
 def audit(args) -> int:
@@ -188,10 +302,29 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("valuation_id")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_argument("--verify", action="store_true", help="recompute a sample of scores from the stored tables")
-    sub.add_argument("--sample", type=int, default=4, help="queries recomputed by --verify")
+    sub.add_argument("--sample", type=at_least_one, default=4, help="queries recomputed by --verify (>= 1)")
     sub.set_defaults(func=audit)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as error:  # a settings problem is the operator's to fix: one line, no traceback
+        from domain.settings import SettingsError
+
+        if not isinstance(error, SettingsError):
+            raise
+        print(f"dataworth: {error}", file=sys.stderr)
+        return 2
+
+
+def at_least_one(text: str) -> int:
+    """argparse type of --sample: a whole number >= 1 (0 would verify nothing and pass)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

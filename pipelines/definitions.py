@@ -1,7 +1,7 @@
 """The Dagster code location: every asset, check, job, sensor and schedule, built from the settings.
 
-`dagster dev -w workspace.yaml` serves `defs`. Steps run in spawned processes (deltalake cannot be
-used after a fork); each reloads this module, so the settings come from the same file.
+`dagster dev -w workspace.yaml` serves `defs`. Steps run where `[deployment]` says (pipelines/executors.py),
+each in a process that reloads this module, so the settings come from the same file.
 """
 
 import warnings
@@ -11,12 +11,11 @@ import dagster as dg
 from assets import corpus, gradients, quality, valuation
 from domain.settings import Settings
 from pipelines.automation import build_automation
+from pipelines.executors import build_executor
 from resources.delta import DeltaStore
 from resources.tracking import MlflowTracker
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)  # backfill_policy is beta; we rely on it deliberately
-
-EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": 2, "start_method": {"spawn": {}}})
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -30,7 +29,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         sensors=sensors,
         schedules=schedules,
         resources={"delta": DeltaStore(), "mlflow": MlflowTracker()},
-        executor=EXECUTOR,
+        executor=build_executor(settings.deployment),
     )
 
 

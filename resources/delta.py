@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -27,6 +28,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlparse
 
 import dagster as dg
 import polars as pl
@@ -35,10 +37,18 @@ from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchEr
 from deltalake.exceptions import TableNotFoundError as _DeltaTableNotFound
 from pydantic import Field
 
-from resources.state import delta_root, resolve_inside
+from resources.state import delta_location, is_uri, resolve_inside
 
 logger = logging.getLogger(__name__)
 
+S3_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ALLOW_HTTP",
+)
 METADATA_PREFIX = "dataworth."
 WRITE_ID_KEY = "dataworth_write_id"  # unique per write; finds our commit among concurrent ones
 SECRET_KEY_WORDS = ("password", "token", "secret", "key")
@@ -78,12 +88,51 @@ class TableVersionMissing(DeltaStoreError, LookupError):
 class TableDataMissing(DeltaStoreError, FileNotFoundError):
     """A data file of the latest version is gone: deleted behind our back."""
 
-    def __init__(self, name: str, path: str, error: Exception):
-        self.name, self.path = name, path
+    def __init__(self, name: str, path: str, error: Exception | str, version: int | None = None):
+        self.name, self.path, self.version = name, path, version
+        at = f" (version {version})" if version is not None else ""
         super().__init__(
-            f"Delta table {name!r} at {path} lists a data file that is gone ({error}); it was deleted outside "
-            f"dataworth. Re-materialize the asset {name!r} (its affected partitions) to write the rows again."
+            f"Delta table {name!r} at {path}{at} lists a data file that is gone ({error}); it was deleted outside "
+            f"dataworth. Re-materialize the asset {name!r} (its affected partitions) to write the rows again, or "
+            f"bring the file back from a backup; to go back to an older version whose files are all there, "
+            f"restore it with Delta time travel (deltalake: DeltaTable({path!r}).restore(<version>))."
         )
+
+
+class TableLogCorrupt(DeltaStoreError, RuntimeError):
+    """A commit file of the table's log cannot be parsed (truncated by a crash or a full disk?)."""
+
+    def __init__(self, name: str, path: str, commit_file: str, error: Exception):
+        self.name, self.path, self.commit_file = name, path, commit_file
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        super().__init__(
+            f"Delta table {name!r} at {path} cannot be read: its commit file {commit_file} is damaged ({detail}); "
+            f"a crash or a full disk may have cut it short. If it is the last commit, move it out of _delta_log "
+            f"(the table then reads as the version before it, and nothing committed is lost but that write), then "
+            f"re-materialize the asset {name!r}; otherwise restore _delta_log from a backup."
+        )
+
+
+def damaged_commit_file(path: str) -> str:
+    """The commit file of the table at `path` that does not parse (the newest one when all parse)."""
+    log = Path(path) / "_delta_log"
+    commits = sorted((p for p in log.glob("*.json") if p.stem.isdigit()), key=lambda p: int(p.stem), reverse=True)
+    for commit in commits:
+        try:
+            for line in commit.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    json.loads(line)
+        except (ValueError, OSError):
+            return str(commit)
+    checkpoint = log / "_last_checkpoint"
+    if checkpoint.exists():
+        return f"{checkpoint} or the checkpoint it names"
+    return str(commits[0]) if commits else str(log)
+
+
+def local_path(uri: str) -> str:
+    """A local file path for a Delta file URI (``file:///...`` or a plain path)."""
+    return unquote(urlparse(uri).path) if uri.startswith("file:") else uri
 
 
 class TableSchemaMismatch(DeltaStoreError, ValueError):
@@ -155,14 +204,17 @@ def _replace_predicate(df: pl.DataFrame, replace_where: dict[str, str]) -> str:
     return " AND ".join(f'"{column}" = {_sql_literal(value)}' for column, value in replace_where.items())
 
 
-def _write_once(path: str, df: pl.DataFrame, options: dict, write_id: str) -> int:
+def _write_once(path: str, df: pl.DataFrame, options: dict, write_id: str, storage: dict[str, str]) -> int:
     """One write attempt; returns the version it committed (others may have committed since)."""
-    if DeltaTable.is_deltatable(path):
-        table = DeltaTable(path)
+    if DeltaTable.is_deltatable(path, storage_options=storage):
+        try:
+            table = DeltaTable(path, storage_options=storage)
+        except DeltaError as error:
+            raise TableLogCorrupt(Path(path).name, path, damaged_commit_file(path), error) from None
         write_deltalake(table, df, **options)
         return table.version()
-    write_deltalake(path, df, **options)  # creates the table, unless a concurrent writer just did
-    for commit in DeltaTable(path).history():
+    write_deltalake(path, df, storage_options=storage, **options)  # creates it, unless a concurrent writer just did
+    for commit in DeltaTable(path, storage_options=storage).history():
         if commit.get(WRITE_ID_KEY) == write_id:
             return int(commit["version"])
     raise AssertionError(f"the commit {write_id} just written to {path} is missing from its history")
@@ -176,40 +228,64 @@ class DeltaStore(dg.ConfigurableResource):
     def __reduce__(self):  # Dagster resources do not unpickle by default; workers get a fresh one
         return functools.partial(DeltaStore, root=self.root), ()
 
-    def _root(self) -> Path:
-        return Path(self.root).expanduser().resolve() if self.root else delta_root()
+    def _root(self) -> Path | str:
+        """The local folder of the tables, or an object-store URI (``s3://bucket/prefix``) kept as text."""
+        root = self.root or delta_location()
+        return root.rstrip("/") if is_uri(root) else Path(root).expanduser().resolve()
+
+    def storage_options(self) -> dict[str, str]:
+        """deltalake's storage options: none locally; on S3 the AWS_* variables of this process and
+        conditional put, so concurrent writers are safe without the unsafe-rename escape hatch."""
+        if not isinstance(self._root(), str):
+            return {}
+        return {**{k: os.environ[k] for k in S3_ENV if os.environ.get(k)}, "conditional_put": "etag"}
 
     def table_path(self, name: str) -> str:
-        """Absolute path of table ``name`` (a plain name: letters, digits, ``_ . -``)."""
+        """Path (or URI) of table ``name`` (a plain name: letters, digits, ``_ . -``)."""
         if not _TABLE_NAME.match(name):
             raise ValueError(f"table name {name!r} must be a plain name (letters, digits, '_', '.', '-')")
-        return str(resolve_inside(self._root(), name))
+        root = self._root()
+        return f"{root}/{name}" if isinstance(root, str) else str(resolve_inside(root, name))
 
     def exists(self, name: str) -> bool:
         """Whether table ``name`` has at least one commit."""
-        return DeltaTable.is_deltatable(self.table_path(name))
+        return DeltaTable.is_deltatable(self.table_path(name), storage_options=self.storage_options())
 
     def version(self, name: str) -> int | None:
         """Latest committed version of table ``name``, or None if it does not exist."""
         try:
-            return DeltaTable(self.table_path(name)).version()
-        except _DeltaTableNotFound:
+            return self._latest(name).version()
+        except TableNotFoundError:
             return None
+
+    def _latest(self, name: str) -> DeltaTable:
+        """The latest version of the table; TableNotFoundError, or TableLogCorrupt naming the damaged commit."""
+        path = self.table_path(name)
+        try:
+            return DeltaTable(path, storage_options=self.storage_options())
+        except _DeltaTableNotFound:
+            raise TableNotFoundError(name, path) from None
+        except DeltaError as error:  # a commit file that does not parse: a Rust backtrace otherwise
+            raise TableLogCorrupt(name, path, damaged_commit_file(path), error) from None
+
+    def missing_files(self, name: str, version: int | None = None) -> list[str]:
+        """Data files that ``version`` (latest when None) of table ``name`` lists but that are gone."""
+        table = self._open(name, version)
+        if isinstance(self._root(), str):  # object stores: a missing file surfaces when it is read
+            return []
+        return [uri for uri in table.file_uris() if not os.path.exists(local_path(uri))]
 
     def _open(self, name: str, version: int | None = None) -> DeltaTable:
         """The table at ``version`` (latest when None), or a named error saying what to do."""
         path = self.table_path(name)
-        try:
-            table = DeltaTable(path)
-        except _DeltaTableNotFound:
-            raise TableNotFoundError(name, path) from None
+        table = self._latest(name)
         latest = table.version()
         if version is None or version == latest:
             return table
         if not 0 <= version < latest:
             raise TableVersionMissing(name, version, latest, "it was never committed")
         try:
-            return DeltaTable(path, version=version)
+            return DeltaTable(path, version=version, storage_options=self.storage_options())
         except DeltaError as error:  # the log files of old versions were cleaned up
             raise TableVersionMissing(name, version, latest, f"its log was cleaned up ({error})") from error
 
@@ -227,7 +303,7 @@ class DeltaStore(dg.ConfigurableResource):
         pushed down to the scan. Values are data, never parsed as SQL.
         """
         table = self._open(name, version)
-        frame = pl.scan_delta(table)
+        frame = pl.scan_delta(table, storage_options=self.storage_options() or None)
         if where:
             frame = frame.filter(_matches(where))
         if columns is not None:
@@ -236,7 +312,7 @@ class DeltaStore(dg.ConfigurableResource):
             return frame.collect()
         except FileNotFoundError as error:
             if table.version() == self.version(name):
-                raise TableDataMissing(name, table.table_uri, error) from error
+                raise TableDataMissing(name, table.table_uri, error, table.version()) from error
             raise TableVersionMissing(
                 name, table.version(), self.version(name), f"its data files were vacuumed ({error})"
             ) from error
@@ -284,7 +360,7 @@ class DeltaStore(dg.ConfigurableResource):
         while True:
             attempt += 1
             try:
-                return _write_once(path, df, options, write_id)
+                return _write_once(path, df, options, write_id, self.storage_options())
             except CommitFailedError as error:
                 if attempt >= MAX_WRITE_ATTEMPTS:
                     raise WriteConflictError(

@@ -149,13 +149,18 @@ class HessianFactors(_Strict):
 
 
 class ValuationQueries(_Strict):
-    """An empty completion (the model ended at once) is allowed: its gradient is zero."""
+    """An empty completion (the model ended at once) is allowed: its gradient is zero. `reference`: the
+    completion came from the query file (else it is the model's greedy one); `loss`: the completion's summed
+    NLL (nats) under the model; `query_group`: the line's optional group."""
 
     query_id: str = pa.Field(**NON_EMPTY, unique=True)
     prompt: str = pa.Field()
     completion: str = pa.Field()
+    reference: bool = pa.Field()
+    query_group: str = pa.Field(**NON_EMPTY, nullable=True)
     prompt_tokens: pl.Int64 = pa.Field(ge=1)
     completion_tokens: pl.Int64 = pa.Field(ge=0)
+    loss: pl.Float64 = pa.Field(ge=0, finite_values=())
     gradient: pl.Binary = pa.Field(float_blob={"itemsize": 4}, same_length=(), finite_blob=())
     projection_hash: str = pa.Field(**SHA256)
     model_hash: str = pa.Field(**SHA256)
@@ -192,26 +197,53 @@ class InfluenceScores(_Strict):
 
 
 class ProviderValuations(_Strict):
+    """One row per provider; the unit and every column are defined in domain/valuation.py: value_nats is the
+    predicted rise of the mean query loss (nats) if the provider's rows were removed."""
+
     valuation_id: str = pa.Field(**NON_EMPTY)
     provider_id: str = pa.Field(**NON_EMPTY)
-    total_value: pl.Float64 = pa.Field(finite_values=())
-    positive_value: pl.Float64 = pa.Field(ge=0, finite_values=())
-    share: pl.Float64 = pa.Field(finite_values=())
-    documents: pl.Int64 = pa.Field(ge=0)
-    tokens: pl.Int64 = pa.Field(ge=0)
-    value_per_token: pl.Float64 = pa.Field(finite_values=())
+    value_nats: pl.Float64 = pa.Field(finite_values=())
+    value_relative: pl.Float64 = pa.Field(finite_values=())
+    value_nats_per_token: pl.Float64 = pa.Field(finite_values=())
+    share: pl.Float64 = pa.Field(ge=-1, le=1, finite_values=())
     ci_low: pl.Float64 = pa.Field(finite_values=())
     ci_high: pl.Float64 = pa.Field(finite_values=())
+    verdict: str = pa.Field(isin=("helps", "hurts", "not distinguishable from 0"))
+    queries_helped: pl.Float64 = pa.Field(ge=0, le=1)
+    query_p10: pl.Float64 = pa.Field(finite_values=())
+    query_p90: pl.Float64 = pa.Field(finite_values=())
+    documents: pl.Int64 = pa.Field(ge=0)
+    tokens: pl.Int64 = pa.Field(ge=0)
+    queries: pl.Int64 = pa.Field(ge=1)
+    training_rows: pl.Int64 = pa.Field(ge=1)
+    mean_query_loss: pl.Float64 = pa.Field(ge=0, finite_values=())
+    value_per_training_token: pl.Float64 = pa.Field(finite_values=())
     mlflow_run_id: str = pa.Field(**NON_EMPTY)
 
     @pa.dataframe_check
     def ci_low_not_above_ci_high(cls, data: pa.PolarsData) -> pl.LazyFrame:
         return data.lazyframe.select(pl.col("ci_low") <= pl.col("ci_high"))
 
+    @pa.dataframe_check
+    def query_p10_not_above_query_p90(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("query_p10") <= pl.col("query_p90"))
+
+    @pa.dataframe_check
+    def verdict_agrees_with_the_interval(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        verdict = (
+            pl.when(pl.col("ci_low") > 0)
+            .then(pl.lit("helps"))
+            .when(pl.col("ci_high") < 0)
+            .then(pl.lit("hurts"))
+            .otherwise(pl.lit("not distinguishable from 0"))
+        )
+        return data.lazyframe.select(pl.col("verdict") == verdict)
+
 
 class ModelCheckpoint(_Strict):
-    checkpoint_hash: str = pa.Field(**SHA256)
+    checkpoint_hash: str = pa.Field(**SHA256)  # of the base, combined with the adapter's files when there is one
     path: str = pa.Field(**NON_EMPTY)
+    adapter_path: str = pa.Field()  # the LoRA adapter folder applied on the base; "" for none
     source: str = pa.Field(isin=("embedded", "local"))
     model_type: str = pa.Field(**NON_EMPTY)
     parameters: pl.Int64 = pa.Field(ge=1)

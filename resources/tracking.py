@@ -3,8 +3,10 @@
 No mlflow global state is used (no ``mlflow.start_run``), so runs never leak between
 calls, threads or processes. The default store is ``sqlite:///<DATAWORTH_HOME>/mlflow/mlflow.db``;
 for any sqlite store the experiment's artifacts go to ``<folder of the db>/artifacts/<experiment>``,
-set explicitly so nothing lands in the working directory. Creating the store and the
-experiment is serialized with a lock file next to the db (POSIX ``flock``), because
+set explicitly so nothing lands in the working directory; with ``$DATAWORTH_ARTIFACT_ROOT`` (e.g.
+``s3://bucket/prefix``, credentials from the ``AWS_*`` variables) a new experiment's artifacts go to
+``<root>/<experiment>`` instead (an existing experiment keeps the location it was created with).
+Creating the store and the experiment is serialized with a lock file next to the db (POSIX ``flock``), because
 mlflow's schema migration is not safe when several processes run it at once.
 mlflow is imported on first use: it costs seconds, and every Dagster step process pays it.
 """
@@ -23,11 +25,14 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from resources.state import mlflow_dir, resolve_inside
+from resources.state import artifact_location, mlflow_dir, resolve_inside
 
 SQLITE_PREFIX = "sqlite:///"
 MAX_PARAMS_PER_BATCH = 100  # mlflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view, where runs do not show.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class TrackingError(Exception):
@@ -112,10 +117,15 @@ class MlflowTracker(dg.ConfigurableResource):
         with self._store_lock():
             existing = client.get_experiment_by_name(self.experiment)
             if existing is None:
-                db = self._sqlite_path()
-                artifacts = resolve_inside(db.parent / "artifacts", self.experiment).as_uri() if db else None
+                db, root = self._sqlite_path(), artifact_location()
+                if root:
+                    artifacts = f"{root}/{self.experiment}"
+                else:
+                    artifacts = resolve_inside(db.parent / "artifacts", self.experiment).as_uri() if db else None
                 try:
-                    return client.create_experiment(self.experiment, artifact_location=artifacts)
+                    return client.create_experiment(
+                        self.experiment, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                    )
                 except MlflowException:  # a tracking server got it created by another client first
                     existing = client.get_experiment_by_name(self.experiment)
                     if existing is None:
@@ -125,15 +135,25 @@ class MlflowTracker(dg.ConfigurableResource):
                 f"MLflow experiment {self.experiment!r} in {self.resolved_tracking_uri()} is deleted; "
                 f"restore it (`mlflow experiments restore`) or configure another experiment name"
             )
+        if EXPERIMENT_KIND_TAG not in existing.tags:  # made before the tag was set: show it as model development
+            client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return existing.experiment_id
 
     @contextmanager
     def run(
-        self, run_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None
+        self,
+        run_name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        *,
+        replaces: str | None = None,
     ) -> Iterator[TrackedRun]:
         """Open a run, log ``params`` and ``tags`` (non-strings as JSON), yield it, then close it.
 
-        The run ends FINISHED, or FAILED if the block raises (the exception propagates).
+        The run ends FINISHED, or FAILED if the block raises (the exception propagates). With ``replaces``
+        (a key of ``tags``, e.g. ``"valuation_id"``), once the run has FINISHED every other run of the
+        experiment with the same value of that tag is deleted: materializing the same valuation again
+        leaves one run, not two with the same name (a failed attempt deletes nothing).
         """
         from mlflow.entities import Param
 
@@ -150,6 +170,38 @@ class MlflowTracker(dg.ConfigurableResource):
             client.set_terminated(run_id, "FAILED")
             raise
         client.set_terminated(run_id, "FINISHED")
+        if replaces is not None:
+            for old in self._runs_tagged(client, experiment_id, replaces, text_tags[replaces]):
+                if old != run_id:
+                    client.delete_run(old)
+
+    @staticmethod
+    def _runs_tagged(client, experiment_id: str, key: str, value: str) -> list[str]:
+        """Ids of the active runs of the experiment whose tag ``key`` equals ``value``."""
+        quoted = value.replace("\\", "\\\\").replace("'", "\\'")
+        found, token = [], None
+        while True:
+            page = client.search_runs(
+                [experiment_id], filter_string=f"tags.`{key}` = '{quoted}'", max_results=1000, page_token=token
+            )
+            found += [run.info.run_id for run in page]
+            token = page.token
+            if not token:
+                return found
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy the file at ``path`` into the artifacts of the (finished) run ``run_id``."""
+        self._client().log_artifact(run_id, str(path), artifact_path)
+
+    def runs_tagged(self, key: str, value: str) -> list[str]:
+        """Ids of the active runs of this experiment whose tag ``key`` equals ``value``."""
+        client = self._client()
+        return self._runs_tagged(client, self._experiment_id(client), key, value)
+
+    def experiment_tags(self) -> dict[str, str]:
+        """The experiment's tags (``mlflow.*`` included)."""
+        client = self._client()
+        return dict(client.get_experiment(self._experiment_id(client)).tags)
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """Audit view of a run.

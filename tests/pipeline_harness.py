@@ -21,6 +21,7 @@ capture_batch_size = 8
 [corpus]
 seed_embedded_corpus = false
 docs_per_shard = 3
+settle_seconds = 0
 [model]
 vocab_size = 320
 n_layer = 1

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
+from domain.artifacts import latest_row
 from pipelines.cli import main
 from resources.delta import DeltaStore
 from tests.pipeline_harness import landing_records, make_tiny_setup, write_jsonl
@@ -58,7 +59,7 @@ def test_audit_prints_the_lineage_for_people(audited):
     result = audit(new)
     assert result.returncode == 0, result.stderr
     text, prov = result.stdout, provenance(setup.delta, new)
-    model = setup.delta.read("model_checkpoint").row(0, named=True)
+    model = latest_row(setup.delta, "model_checkpoint")  # its path absolute, as the audit shows it
     values = setup.delta.read("provider_valuations", where={"valuation_id": new})
     for table, version in prov["tables"].items():
         assert f"{table:<32} v{version}  run " in text
@@ -71,8 +72,8 @@ def test_audit_prints_the_lineage_for_people(audited):
         f"projection: {prov['projection_hash']}",
         '"rank_in": 4',
         "curvature: ekfac, fisher empirical, damping 0.01 (relative)",
-        "queries (24, ",
-        "q00: 'Solve the linear equations",
+        "queries (20, ",
+        "dagster-0: 'dagster._core.storage.event_log",
         f"MLflow run {values['mlflow_run_id'][0]} (FINISHED), params:",
         f"  valuation_id = {new}",
         "  hessian = ekfac",
@@ -102,7 +103,7 @@ def test_older_valuation_still_verifies_after_a_new_batch_json(audited):
         "damping_mode": "relative",
         "per_layer_damping": {},
     }
-    assert report["query_settings"]["queries_file"] == "data/embedded_queries.jsonl" and len(report["queries"]) == 24
+    assert report["query_settings"]["queries_file"] == "data/embedded_queries.jsonl" and len(report["queries"]) == 20
     assert report["shards"] == prov["shards"] and report["unavailable"] == []
     assert (
         report["mlflow"]["params"]["valuation_id"] == old
@@ -136,7 +137,7 @@ def test_verify_fails_loudly_when_a_recorded_version_was_vacuumed(audited, tmp_p
 
 def test_verify_fails_loudly_when_the_checkpoint_changed(audited, capsys):
     setup, old, _, _, _ = audited
-    config = Path(setup.delta.read("model_checkpoint")["path"][0]) / "config.json"
+    config = Path(latest_row(setup.delta, "model_checkpoint")["path"]) / "config.json"
     original = config.read_text()
     try:
         config.write_text(original.replace("{", '{"edited": true, ', 1))
@@ -155,3 +156,9 @@ def test_unknown_valuation_id_is_a_clear_error(audited, capsys):
     assert main(["audit", "v-0000000000000000"]) == 2
     err = capsys.readouterr().err
     assert "unknown valuation id 'v-0000000000000000'" in err and old in err and new in err
+
+
+def test_valuation_id_with_a_quote_is_an_unknown_id(audited, capsys):
+    _, old, _, _, _ = audited
+    assert main(["audit", old + "'"]) == 2  # reads are typed: the quote is data, never parsed as SQL
+    assert f"unknown valuation id {old + chr(39)!r}" in capsys.readouterr().err

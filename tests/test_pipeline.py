@@ -2,7 +2,9 @@
 
 import json
 
+import dagster as dg
 import polars as pl
+import pytest
 
 from domain.audit import lineage, verify
 from resources.codecs import binary_to_gradients
@@ -31,15 +33,21 @@ def test_tiny_graph_materializes_end_to_end(tmp_path, monkeypatch):
     scores = delta.read("influence_scores")
     vid = scores["valuation_id"][0]
     assert set(scores["kind"]) == {"top_sequence", "top_document", "document_total", "provider_query"}
-    assert scores.filter(pl.col("kind") == "top_sequence").group_by("query_id").len()["len"].to_list() == [3] * 24
+    assert scores.filter(pl.col("kind") == "top_sequence").group_by("query_id").len()["len"].to_list() == [3] * 20
+    queries = delta.read("valuation_queries")
+    assert queries["reference"].all() and queries["query_group"].n_unique() == 10  # the held-out documents
+    assert (queries["loss"] > 0).all() and (queries["completion_tokens"] > 0).all()
     values = delta.read("provider_valuations")
     assert sorted(values["provider_id"]) == ["numpy", "polars", "torch"]
-    assert abs(values["share"].sum() - 1) < 1e-9
+    assert abs(values["share"].abs().sum() - 1) < 1e-9
+    training_rows = seqs.height
+    assert (values["training_rows"] == training_rows).all() and (values["queries"] == 20).all()
+    assert values["mean_query_loss"][0] == pytest.approx(queries["loss"].mean())
     per_provider = scores.filter(pl.col("kind") == "provider_query").group_by("provider_id").agg(pl.col("score").sum())
     for provider, total in per_provider.iter_rows():
-        assert abs(values.filter(pl.col("provider_id") == provider)["total_value"][0] - total) <= 1e-9 * max(
-            1, abs(total)
-        )
+        row = values.row(by_predicate=pl.col("provider_id") == provider, named=True)
+        assert row["value_nats"] == pytest.approx(total / training_rows / 20, rel=1e-9, abs=1e-15)
+        assert row["ci_low"] <= row["value_nats"] <= row["ci_high"]
 
     # provenance: commit metadata names the run and the upstream versions read
     meta = delta.commit_metadata("influence_scores", delta.version("influence_scores"))
@@ -50,7 +58,22 @@ def test_tiny_graph_materializes_end_to_end(tmp_path, monkeypatch):
     run = MlflowTracker().get_run(values["mlflow_run_id"][0])
     assert run["params"]["hessian"] == "ekfac" and run["params"]["rank_in"] == "4"
     assert run["params"]["model_hash"] == projection["model_hash"]
-    assert "provider_valuations.png" in run["artifacts"]
+    assert "provider_valuations.png" in run["artifacts"] and "provider_values.json" in run["artifacts"]
+    assert run["metrics"]["value_nats.numpy"] == pytest.approx(
+        values.row(by_predicate=pl.col("provider_id") == "numpy", named=True)["value_nats"]
+    )
+    assert MlflowTracker().experiment_tags()["mlflow.experimentKind"] == "custom_model_development"
+
+    # the same valuation materialized again: one MLflow run per valuation id, not two with the same name
+    again = (
+        setup.definitions()
+        .resolve_job_def("valuation")
+        .execute_in_process(instance=setup.instance, asset_selection=[dg.AssetKey("provider_valuations")])
+    )
+    assert again.success
+    rerun = delta.read("provider_valuations")
+    assert set(rerun["valuation_id"]) == {vid}
+    assert MlflowTracker().runs_tagged("valuation_id", vid) == [rerun["mlflow_run_id"][0]]
 
     report = lineage(delta, MlflowTracker(), vid)
     assert report["model"]["checkpoint_hash"] == projection["model_hash"]

@@ -98,3 +98,50 @@ def test_tiny_end_to_end_lds_is_finite():
     assert all(math.isfinite(metrics[k]) for k in ("lds", "seed_agreement", "provider_acc"))
     assert -1 <= metrics["lds"] <= 1 and metrics["subsets"] == 4
     assert metrics["lds_ci_low"] <= metrics["lds"] <= metrics["lds_ci_high"]
+
+
+def test_provider_removals_predictions_and_calibration():
+    config = quality.ProviderRetrainConfig(random_sets=3, set_fraction=0.5, seed=1)
+    removals = quality.provider_removals(4, config)
+    assert removals[:4] == [[0], [1], [2], [3]] and all(len(r) == 2 for r in removals[4:])
+    assert removals == quality.provider_removals(4, config)
+    sums = torch.tensor([[2.0, 4.0], [-1.0, -3.0], [0.0, 1.0], [5.0, 5.0]])  # (P, Q)
+    predicted = quality.predicted_removal_effects(sums, [[0], [1], [0, 1]], training_rows=10)
+    torch.testing.assert_close(predicted, torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+    assert quality.calibration([0.0, 1.0, 2.0], [1.0, 3.0, 5.0]) == pytest.approx((2.0, 1.0))
+    agreement = quality.removal_agreement([0.1, -0.2, 0.3, 0.05], [0.2, -0.1, 0.5, -0.01], singles=3)
+    assert agreement["spearman"] == pytest.approx(1.0) and agreement["sign_agreement"] == pytest.approx(0.75)
+
+
+def test_provider_value_benchmark_is_perfect_when_measured_equals_predicted():
+    predicted = torch.tensor([0.3, -0.2, 0.1, 0.05, 0.25], dtype=torch.float64)
+    rng = np.random.default_rng(0)
+    noise = torch.tensor(rng.normal(0, 0.01, size=(2, 5, 6)))
+    measured = predicted[None, :, None] + noise - noise.mean(2, keepdim=True)  # per-query noise, exact means
+    metrics = quality.provider_value_benchmark(predicted, measured, singles=4, samples=200)
+    assert metrics["spearman"] == pytest.approx(1.0) and metrics["slope"] == pytest.approx(1.0)
+    assert metrics["intercept"] == pytest.approx(0.0, abs=1e-12) and metrics["sign_agreement"] == 1.0
+    assert metrics["slope_ci_low"] <= 1.0 <= metrics["slope_ci_high"]
+    assert metrics["removals"] == 5 and metrics["seeds"] == 2
+
+
+def test_tiny_end_to_end_provider_values_are_finite():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_layer=1, n_head=2, n_embd=16, n_positions=16)).eval()
+    g = torch.Generator().manual_seed(0)
+    train = [torch.randint(1, 32, (10,), generator=g).tolist() for _ in range(12)]
+    queries = [(torch.randint(1, 32, (10,), generator=g).tolist(), 4) for _ in range(3)]
+    metrics, arrays = quality.evaluate_provider_values(
+        model,
+        CausalLMTask(pad_token_id=0),
+        train,
+        torch.tensor([0, 1, 2] * 4),
+        queries,
+        ProjectionConfig(rank_in=2, rank_out=2, exclude=("lm_head",)),
+        CurvatureConfig(kind="ekfac"),
+        quality.ProviderRetrainConfig(seeds=2, random_sets=1, batch_size=4, bootstrap_samples=50),
+        query_providers=torch.tensor([0, 1, -1]),
+    )
+    assert arrays["measured"].shape == (2, 4, 3) and arrays["group_sums"].shape == (3, 3)
+    assert all(math.isfinite(metrics[k]) for k in ("spearman", "slope", "intercept", "sign_agreement"))
+    assert 0 <= metrics["provider_acc"] <= 1 and metrics["train_sequences"] == 12

@@ -255,7 +255,7 @@ def test_rank_larger_than_a_layer_width_fails_gradient_projection(base):
 def test_zero_or_negative_damping_is_refused_when_the_settings_load(tmp_path, damping):
     path = tmp_path / "settings.toml"
     path.write_text(f"[curvature]\ndamping = {damping}\n")
-    with pytest.raises(ConfigError, match=rf"damping for 'damping' is {damping}; it must be > 0"):
+    with pytest.raises(ConfigError, match=rf"\[curvature\] damping = {damping}: must be > 0"):
         Settings.load(path)
 
 

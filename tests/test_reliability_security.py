@@ -11,14 +11,24 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from domain.lm import CheckpointError, load_checkpoint, save_checkpoint, train_tokenizer
-from domain.settings import Settings, UnsafePathError, configured_path
+from domain.settings import Settings, UnsafePathError, configured_path, operator_path
 from domain.staging import landing_folder, plan_landing
 from pipelines import cli
 from resources.state import PROJECT_ROOT
 from tests.pipeline_harness import TinySetup, make_tiny_setup, write_jsonl
 from tests.reliability_support import changed, failure, run
 
-SOURCE_DIRS = ("dataworth", "domain", "pipelines", "assets", "resources", "examples", "benchmarks", "data", "deployments")
+SOURCE_DIRS = (
+    "dataworth",
+    "domain",
+    "pipelines",
+    "assets",
+    "resources",
+    "examples",
+    "benchmarks",
+    "data",
+    "deployments",
+)
 UNSAFE_LOADING = re.compile(
     r"torch\.load\(|pickle\.loads?\(|cloudpickle|dill\.|joblib\.load|allow_pickle\s*=\s*True|"
     r"weights_only\s*=\s*False|trust_remote_code\s*=\s*True|use_safetensors\s*=\s*False|(?<![\w.])(eval|exec)\("
@@ -73,13 +83,10 @@ def test_weights_load_only_from_safetensors_and_a_pickle_is_never_unpickled(tmp_
 # --- configured paths ------------------------------------------------------------------------------
 
 
-def test_configured_paths_resolve_inside_the_project_root_or_home(home, tmp_path):
-    assert (
-        configured_path("data/embedded_queries.jsonl", "[queries] queries_file")
-        == PROJECT_ROOT / "data" / "embedded_queries.jsonl"
-    )
+def test_landing_dir_resolves_inside_the_project_root_or_home(home, tmp_path):
+    assert configured_path("incoming", "[corpus] landing_dir") == PROJECT_ROOT / "incoming"
     inside_home = home / "models" / "mine"
-    assert configured_path(str(inside_home), "[model] checkpoint_dir") == inside_home
+    assert configured_path(str(inside_home), "[corpus] landing_dir") == inside_home
     assert configured_path(str(PROJECT_ROOT / "data"), "[corpus] landing_dir") == PROJECT_ROOT / "data"
     (home / "escape").symlink_to(tmp_path)  # a symlink inside home that leads out of it
     outside = [
@@ -93,22 +100,25 @@ def test_configured_paths_resolve_inside_the_project_root_or_home(home, tmp_path
     for value in outside:
         with pytest.raises(
             UnsafePathError,
-            match=r"\[model\] checkpoint_dir = .* outside the project root .* and DATAWORTH_HOME .*; "
+            match=r"\[corpus\] landing_dir = .* outside the project root .* and DATAWORTH_HOME .*; "
             r"move it under one of them",
         ):
-            configured_path(value, "[model] checkpoint_dir")
+            configured_path(value, "[corpus] landing_dir")
 
 
-def test_every_path_setting_goes_through_the_rule(home, tmp_path):
+def test_landing_dir_keeps_the_root_rule_and_operator_inputs_may_be_anywhere(home, tmp_path):
     settings = Settings()
     with pytest.raises(UnsafePathError, match=r"\[corpus\] landing_dir = '/etc'"):
         landing_folder(changed(settings, corpus={"landing_dir": "/etc"}))
     assert landing_folder(changed(settings, corpus={"landing_dir": str(home / "incoming")})).is_dir()
-    with pytest.raises(UnsafePathError, match=r"\[queries\] queries_file = '/etc/passwd'"):
-        changed(settings, queries={"queries_file": "/etc/passwd"}).queries_path()
+    outside = tmp_path / "operator" / "queries.jsonl"  # the operator's read-only inputs may live anywhere
+    assert changed(settings, queries={"queries_file": str(outside)}).queries_path() == outside
     setup = TinySetup(home, home / "landing", settings, dg.DagsterInstance.ephemeral())
+    # the operator's model directory may be anywhere: it is read (and found empty), not refused
     result = run(setup, "model_checkpoint", settings=changed(settings, model={"checkpoint_dir": str(tmp_path)}))
-    assert f"UnsafePathError: [model] checkpoint_dir = '{tmp_path}'" in failure(result)
+    assert "UnsafePathError" not in failure(result) and f"{tmp_path} has no config.json" in failure(result)
+    with pytest.raises(UnsafePathError, match=r"\[model\] checkpoint_dir = 's3://b/m' is a URI"):
+        operator_path("s3://b/m", "[model] checkpoint_dir")
 
 
 def test_landing_file_names_and_doc_ids_never_become_paths(tmp_path, monkeypatch):
@@ -156,7 +166,7 @@ def test_landing_symlink_to_a_file_outside_is_quarantined(home, tmp_path):
 def test_uis_bind_to_localhost_unless_told_otherwise(home, monkeypatch, argv, expected):
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))  # restored after the test
     commands = []
-    monkeypatch.setattr(cli.os, "execvp", lambda file, args: commands.append(args))
+    monkeypatch.setattr(cli, "run_process_group", lambda command, cwd=None: commands.append(command) or 0)
     cli.main(argv)
     (command,) = commands
     assert any(command[i : i + len(expected)] == expected for i in range(len(command)))

@@ -18,6 +18,7 @@ from dagster._core.test_utils import create_run_for_test
 from dagster._utils.test.data_versions import get_stale_status_resolver
 from deltalake import DeltaTable
 
+from domain.artifacts import latest_row
 from domain.settings import Settings
 from domain.staging import plan_landing, staged_corpus
 from pipelines.automation import (
@@ -325,7 +326,7 @@ def test_new_projection_makes_every_shard_stale(valued):
     assert stale_shards(delta, shards) == [] and stale_work(valued.instance, delta, code_versions(defs.assets)) == []
 
 
-def test_new_model_checkpoint_makes_every_shard_stale(valued):
+def test_new_model_checkpoint_makes_every_shard_stale(valued, tmp_path):
     """Ends with a model that no gradient was made with: run nothing after this test."""
     delta, shards = valued.delta, shards_of(valued)
     defs = use_settings(tiny_settings(damping=0.05, projection_seed=1, train_steps=31))
@@ -345,9 +346,10 @@ def test_new_model_checkpoint_makes_every_shard_stale(valued):
     assert selection(request) == set(REPROJECT) and "another model" in request.tags["dataworth/stale"]
     assert (request.tags[RANGE_START], request.tags[RANGE_END]) == (shards[0], shards[-1])
 
-    # a local checkpoint: its files changing in place make the model stale too
-    local = valued.home / "local-checkpoint"
-    shutil.copytree(delta.read("model_checkpoint").sort("created_at")["path"][-1], local)
+    # a local checkpoint anywhere on disk (the operator's setting; like a Hugging Face cache outside the project):
+    # its files changing in place make the model stale too
+    local = tmp_path / "hf-cache" / "local-checkpoint"
+    shutil.copytree(latest_row(delta, "model_checkpoint")["path"], local)
     defs = use_settings(tiny_settings(damping=0.05, projection_seed=1, train_steps=31, checkpoint_dir=local))
     execute(valued, defs, [dg.RunRequest(asset_selection=[dg.AssetKey("model_checkpoint")])])
     assert settings_of_latest_model(delta) == ("local", new_hash)

@@ -87,3 +87,35 @@ def test_concurrent_first_use_of_a_fresh_store(tmp_path):
     for process in workers:
         process.join(timeout=120)
     assert [p.exitcode for p in workers] == [0, 0]
+
+
+def test_the_experiment_opens_as_model_development_not_genai(tracker):
+    with tracker.run("kind", params={}, tags={}):
+        pass
+    assert tracker.experiment_tags()["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_experiment_made_without_the_kind_gets_it(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).create_experiment("old", artifact_location=(tmp_path / "a").as_uri())
+    tracker = MlflowTracker(tracking_uri=uri, experiment="old")
+    assert tracker.experiment_tags()["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_replacing_run_leaves_one_run_per_tag_value(tracker):
+    tags = {"valuation_id": "v-0123456789abcdef"}
+    with tracker.run("valuation-v-0123456789abcdef", params={"a": 1}, tags=tags, replaces="valuation_id") as first:
+        first.log_metrics({"x": 1.0})
+    with tracker.run("other", params={}, tags={"valuation_id": "v-other"}, replaces="valuation_id") as other:
+        pass
+    with pytest.raises(RuntimeError):
+        with tracker.run("valuation-v-0123456789abcdef", params={}, tags=tags, replaces="valuation_id"):
+            raise RuntimeError("a failed attempt deletes nothing")
+    assert first.run_id in tracker.runs_tagged("valuation_id", "v-0123456789abcdef")
+    with tracker.run("valuation-v-0123456789abcdef", params={"a": 1}, tags=tags, replaces="valuation_id") as second:
+        second.log_metrics({"x": 2.0})
+    assert tracker.runs_tagged("valuation_id", "v-0123456789abcdef") == [second.run_id]
+    assert tracker.runs_tagged("valuation_id", "v-other") == [other.run_id]
+    assert tracker.get_run(second.run_id)["metrics"] == {"x": 2.0}
