@@ -126,14 +126,29 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             for table, frame in [("projected_gradients_statistics", stats), ("projected_gradients", rows)]:
                 # statistics first: a shard counts as done (see stale_shards) once its gradients land
                 delta.replace_shard(table, shard, frame, metadata=meta)
-            total_tokens += int(seqs["n_tokens"].sum())
+            tokens = int(seqs["n_tokens"].sum())
+            # Dagster marks a ranged run's partitions done only when the step ends: say each one as it lands
+            context.log_event(
+                dg.AssetObservation(
+                    asset_key=context.asset_key,
+                    partition=shard,
+                    metadata={
+                        "sequences": seqs.height,
+                        "tokens": tokens,
+                        "providers": ", ".join(sorted(seqs["provider_id"].unique().to_list())),
+                        "delta_version": delta.version("projected_gradients"),
+                    },
+                )
+            )
+            total_tokens += tokens
             total_rows += seqs.height
         seconds = time.perf_counter() - started
         shards = list(context.partition_keys)
         return dg.MaterializeResult(
-            metadata={
-                "sequences": total_rows,
-                "tokens": total_tokens,
+            metadata={  # the whole step's totals: every partition of this run shows them (per shard: observations)
+                "shards_in_this_run": len(shards),
+                "sequences_in_this_run": total_rows,
+                "tokens_in_this_run": total_tokens,
                 "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
                 "peak_memory_mb": round(peak_memory_mb(), 1),
                 "dim": projection.layout.dim,

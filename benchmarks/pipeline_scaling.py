@@ -14,17 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
-ASSETS = (
-    "training_corpus",
-    "model_checkpoint",
-    "token_shards",
-    "gradient_projection",
-    "projected_gradients",
-    "hessian_factors",
-    "valuation_queries",
-    "influence_scores",
-    "provider_valuations",
-)
+from pipelines.automation import ALL as ASSETS  # every asset of the valuation job, in graph order
+
 SETTINGS = """
 [model]
 train_steps = {steps}

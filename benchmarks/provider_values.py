@@ -4,15 +4,21 @@
     .venv/bin/python benchmarks/provider_values.py --setup small        # n_embd 64, seq_len 64, 5 providers
     .venv/bin/python benchmarks/provider_values.py --output results.json
 
-What the pipeline does, without Dagster: the embedded GPT-2 is trained on the corpus (held-out documents
-excluded), the queries are data/embedded_queries.jsonl (held-out documents: prompt + reference completion,
-group = provider), the training sequences' gradients are captured with the default projection and EK-FAC
-curvature, and each provider's value (domain/valuation.py: predicted rise of the mean query loss, nats, if
-its rows were removed) is compared with fine-tuning the trained model with and without the provider's rows
+What the pipeline does, without Dagster: the queries are data/embedded_queries.jsonl (held-out documents:
+prompt + reference completion, group = provider), the training sequences' gradients are captured with the
+default projection and EK-FAC curvature, and each provider's value (domain/valuation.py: predicted rise of
+the mean query loss, nats, if its rows were removed) is compared with retraining without the provider's rows
 (domain/quality.py: evaluate_provider_values): each provider alone and random sets of providers, 2 seeds.
-To fit ~20 minutes on 2 CPU cores, the valued training set (N in the unit) and every fine-tuning use a seeded
-sample of --max-train training sequences.
-Prints a markdown section for benchmarks/RESULTS.md and the per-removal figures.
+
+--ground-truth scratch (default): the counterfactual the unit names. The embedded GPT-2 is trained from its
+fixed random init on the valued training rows (tokenizer fixed, trained on the whole corpus), and retrained
+the same way (same seed) without each removed set, for the same number of epochs (--budget epochs: fewer
+rows, proportionally fewer steps, as a dataset without the provider would be trained) or of optimizer steps
+(--budget steps: the remaining rows get the removed rows' steps). The valued model is the seed-0 full model.
+--ground-truth finetune: the proxy `valuation_quality` uses for a model whose training is unknown: the
+trained model is fine-tuned (--epochs, --lr) with and without the provider's rows.
+--max-train N values (and retrains on) a seeded sample of N training sequences (0: all of them).
+Prints the metrics and the per-removal figures as JSON.
 """
 
 import argparse
@@ -32,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from dataworth import CausalLMTask  # noqa: E402
 from domain import quality  # noqa: E402
-from domain.lm import train_embedded_model  # noqa: E402
+from domain.lm import TinyGPT2Config, train_embedded_model, train_tiny_gpt2, train_tokenizer  # noqa: E402
 from domain.queries import completions_of, encode_queries, query_losses, read_prompts  # noqa: E402
 from domain.sequences import tokenize_corpus  # noqa: E402
 from domain.settings import ModelSettings, Settings, ShardSettings  # noqa: E402
@@ -62,7 +68,9 @@ def main() -> None:
     parser.add_argument("--random-sets", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-train", type=int, default=600, help="training sequences valued and fine-tuned on")
+    parser.add_argument("--ground-truth", choices=("scratch", "finetune"), default="scratch")
+    parser.add_argument("--budget", choices=("epochs", "steps"), default="epochs", help="scratch: what stays fixed")
+    parser.add_argument("--max-train", type=int, default=0, help="training sequences valued and retrained on (0: all)")
     parser.add_argument("--output", type=Path, help="write the metrics and per-removal figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -79,15 +87,43 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
     corpus = load_corpus(setup["providers"])
-    model, tokenizer, _ = train_embedded_model(corpus, settings.model)
-    log(f"trained the {args.setup} model ({settings.model.train_steps} steps) on {corpus.height} documents")
+    m = settings.model
+    config = quality.ProviderRetrainConfig(
+        seeds=args.seeds, random_sets=args.random_sets, epochs=args.epochs, lr=args.lr, batch_size=16
+    )
+    if args.ground_truth == "finetune":
+        model, tokenizer, _ = train_embedded_model(corpus, m)
+        log(f"trained the {args.setup} model ({m.train_steps} steps) on {corpus.height} documents")
+    else:
+        tokenizer = train_tokenizer(corpus["text"].to_list(), vocab_size=m.vocab_size)
     seqs = tokenize_corpus(corpus, tokenizer, settings.shards.seq_len)
     providers = sorted(seqs["provider_id"].unique().to_list())
     code = {p: i for i, p in enumerate(providers)}
-    picked = sorted(torch.randperm(seqs.height, generator=torch.Generator().manual_seed(0))[: args.max_train].tolist())
-    seqs = seqs[picked]  # a seeded sample: the valued training set N, and what each fine-tuning sees
+    if args.max_train:  # a seeded sample: the valued training set N, and what each retraining sees
+        order = torch.randperm(seqs.height, generator=torch.Generator().manual_seed(0))
+        seqs = seqs[sorted(order[: args.max_train].tolist())]
     train = [list(ids) for ids in seqs["input_ids"].to_list()]
     train_providers = torch.tensor([code[p] for p in seqs["provider_id"].to_list()])
+    train_fn = None
+    if args.ground_truth == "scratch":
+        shape = TinyGPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions)
+
+        def train_fn(examples, seed: int):
+            """The embedded model's training, from its seeded random init, on `examples`: the same epochs as
+            the full training (--budget epochs) or the same optimizer steps (--budget steps)."""
+            fraction = 1.0 if args.budget == "steps" else len(examples) / len(train)
+            return train_tiny_gpt2(
+                examples,
+                tokenizer,
+                shape,
+                steps=max(1, round(m.train_steps * fraction)),
+                batch_size=m.train_batch_size,
+                lr=m.learning_rate,
+                seed=seed,
+            )
+
+        model = train_fn(train, config.seed * 1000)  # the valued model: the full training of retraining seed 0
+        log(f"trained the {args.setup} model from scratch ({m.train_steps} steps) on {len(train)} sequences")
 
     prompts = [p for p in read_prompts(defaults.queries_path()) if not setup["providers"] or p.get("group") in code]
     completions = completions_of(model, tokenizer, settings, prompts)
@@ -97,12 +133,8 @@ def main() -> None:
     losses = query_losses(model, task, queries).numpy()
     log(f"{len(train)} training sequences, {len(queries)} queries, mean query loss {losses.mean():.3f} nats")
 
-    config = quality.ProviderRetrainConfig(
-        seeds=args.seeds, random_sets=args.random_sets, epochs=args.epochs, lr=args.lr, batch_size=16
-    )
-
     def progress(done: int, total: int) -> None:
-        log(f"fine-tuned {done}/{total} removals")
+        log(f"retrained {done}/{total} removals ({args.ground_truth})")
 
     metrics, arrays = quality.evaluate_provider_values(
         model,
@@ -114,6 +146,7 @@ def main() -> None:
         settings.curvature,
         config,
         query_providers=query_providers,
+        train_fn=train_fn,
         progress=progress,
     )
     table = provider_table(
@@ -136,6 +169,8 @@ def main() -> None:
         "model": {k: getattr(settings.model, k) for k in ("n_layer", "n_embd", "n_positions", "train_steps")},
         "seq_len": settings.shards.seq_len,
         "retrain": {
+            "ground_truth": args.ground_truth,
+            "budget": args.budget,
             "seeds": args.seeds,
             "random_sets": args.random_sets,
             "epochs": args.epochs,

@@ -7,7 +7,7 @@ scores (N, Q) with score > 0 meaning "the example lowers the query's loss"; subs
 """
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -323,7 +323,7 @@ def predicted_removal_effects(group_sums: torch.Tensor, removals: Sequence[Seque
 
 
 def measured_removal_effects(
-    base: nn.Module,
+    train_fn: Callable[[Sequence, int], nn.Module],
     task: Task,
     train: Sequence,
     train_providers: torch.Tensor,
@@ -332,17 +332,16 @@ def measured_removal_effects(
     config: ProviderRetrainConfig,
     progress=None,
 ) -> torch.Tensor:
-    """(S, R, Q) float64 rise of each query's loss when the base is fine-tuned without the removed providers,
-    minus the same fine-tuning (same seed) on all rows."""
-    retrain = config.retrain()
+    """(S, R, Q) float64 rise of each query's loss when `train_fn(examples, seed)` trains without the removed
+    providers' rows, minus the same training (same seed) on all rows."""
     out = torch.zeros(config.seeds, len(removals), len(queries), dtype=torch.float64)
     for s in range(config.seeds):
         seed = config.seed * 1000 + s
-        full = example_losses(fine_tune(base, task, train, retrain, seed), task, queries)
+        full = example_losses(train_fn(train, seed), task, queries)
         for r, removed in enumerate(removals):
             keep = ~torch.isin(train_providers, torch.tensor(list(removed)))
             subset = [train[i] for i in keep.nonzero().flatten().tolist()]
-            out[s, r] = example_losses(fine_tune(base, task, subset, retrain, seed), task, queries) - full
+            out[s, r] = example_losses(train_fn(subset, seed), task, queries) - full
             if progress:
                 progress(s * len(removals) + r + 1, config.seeds * len(removals))
     return out
@@ -417,18 +416,26 @@ def evaluate_provider_values(
     *,
     query_providers: torch.Tensor | None = None,
     normalize: str = "none",
+    train_fn: Callable[[Sequence, int], nn.Module] | None = None,
     progress=None,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Provider values of one configuration (queries: (ids, n_prompt) pairs whose completions are measured)
-    against leave-provider-out fine-tuning: `provider_value_benchmark` metrics, plus provider-id top-1
-    accuracy when each query has a provider (query_providers (Q,), -1 for none). Also returns the arrays:
-    group_sums (P, Q), removals (R, P) bool, predicted (R,), measured (S, R, Q)."""
+    """Provider values of `model` (trained on `train`; queries: (ids, n_prompt) pairs whose completions are
+    measured) against leave-provider-out retraining: `train_fn(examples, seed)` retrains the way the model was
+    made (from its fixed base); without it, `model` itself is fine-tuned with `config`, a proxy whose removal
+    effects are those of one more pass over the data. Returns `provider_value_benchmark` metrics, plus
+    provider-id top-1 accuracy when each query has a provider (query_providers (Q,), -1 for none), and the
+    arrays: group_sums (P, Q), removals (R, P) bool, predicted (R,), measured (S, R, Q)."""
     n_providers = int(train_providers.max()) + 1
     gradients = capture(model, task, train, queries, projection, fishers=(curvature.fisher,))
     sums = group_sums(score_matrix(gradients, curvature, normalize), train_providers, n_providers)
     removals = provider_removals(n_providers, config)
     predicted = predicted_removal_effects(sums, removals, len(train))
-    measured = measured_removal_effects(model, task, train, train_providers, queries, removals, config, progress)
+    if train_fn is None:  # fine-tune the model itself: a proxy, when how it was trained is unknown
+
+        def train_fn(examples: Sequence, seed: int) -> nn.Module:
+            return fine_tune(model, task, examples, config.retrain(), seed)
+
+    measured = measured_removal_effects(train_fn, task, train, train_providers, queries, removals, config, progress)
     metrics = provider_value_benchmark(
         predicted, measured, n_providers, samples=config.bootstrap_samples, seed=config.seed
     )

@@ -222,7 +222,14 @@ def test_sensor_values_a_new_batch_computing_only_its_shards(valued):
     assert sorted(materialized(run)) == sorted(new)  # gradient work: the new shards only
     sequences = delta.read("token_shards", where={"shard_id": new[:2]}).height
     step = next(e for e in run.get_asset_materialization_events() if e.asset_key == GRADIENTS)
-    assert step.materialization.metadata["sequences"].value == sequences
+    assert step.materialization.metadata["sequences_in_this_run"].value == sequences
+    observed = {
+        e.event_specific_data.asset_observation.partition: e.event_specific_data.asset_observation.metadata
+        for e in run.all_events
+        if e.event_type_value == "ASSET_OBSERVATION" and e.asset_key == GRADIENTS
+    }
+    assert set(observed) == set(new)  # each shard reported as it landed, with its own count
+    assert sum(m["sequences"].value for m in observed.values()) == sequences
     assert shard_files(delta, old_shards) == old_files  # the untouched shards' data files were not rewritten
     commits = [
         delta.commit_metadata("projected_gradients", v)

@@ -12,7 +12,6 @@ chromium`, done by .ci/run when run as root). About 3 minutes on 2 cores, half o
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline_harness import PROVIDERS, TINY_SETTINGS, TinySetup, landing_records, write_jsonl
+from tests.test_cli_ui import alive, free_port
 
 CHROMIUM = Path(os.environ.get("DATAWORTH_CHROMIUM", "/usr/bin/chromium"))
 sync_api = pytest.importorskip(
@@ -31,12 +31,6 @@ pytestmark = pytest.mark.skipif(
 )
 UI_START_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def materialize_tiny_valuation(tmp_path: Path, monkeypatch) -> dict[str, str]:
@@ -74,19 +68,6 @@ def wait_for_ui(url: str, ui: subprocess.Popen, log: Path) -> float:
         except OSError:
             time.sleep(1)
     raise AssertionError(f"the UI did not answer within {UI_START_TIMEOUT_S} s:\n{log.read_text()[-5000:]}")
-
-
-def alive(processes) -> list[str]:
-    import psutil
-
-    left = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{process.pid}: {' '.join(process.cmdline())[:120]}")
-        except psutil.NoSuchProcess:
-            continue
-    return left
 
 
 def test_a_newcomer_sees_the_valuation_and_materializes_from_the_ui(tmp_path, monkeypatch):
