@@ -15,8 +15,9 @@ scores of provider p's rows on query q (influence_scores, kind provider_query):
 
 A positive value means the provider's data lowers the query loss (removing it would hurt). The unit holds
 for `normalize = "none"`; with "relatif"/"cosine" scores the columns keep these names but are not nats.
-It is first order in the tracked parameters only: layers left out of the projection (lm_head by default, and
-with it the embedding GPT-2 ties to it) move too when data is removed, so their share of the effect is missing.
+It is first order in the tracked parameters, seen through the projection: layers left out (lm_head by default)
+and the directions a low-rank projection drops carry part of the effect too, so the value is an under-estimate
+(benchmarks/RESULTS.md measures how much).
 
 Two kinds of spread, kept apart:
     [ci_low, ci_high]  95% percentile bootstrap over queries of value_nats: the estimator's uncertainty

@@ -1,0 +1,87 @@
+"""How the predicted removal effects move with the valuation's settings, against a saved leave-provider-out run.
+
+    .venv/bin/python benchmarks/provider_values.py --seeds 4 --output lpo.json     # the ground truth, once
+    .venv/bin/python benchmarks/provider_values_sensitivity.py lpo.json
+
+Retrains the valued model of that run (the embedded GPT-2, seed 0, all training rows; deterministic, so the same
+model), then values the providers under a few settings (the default; rank 64; damping 0.001; lm_head tracked
+through an untied copy of the tied weight, i.e. its output use) and compares each with the saved measured effects:
+Spearman across single-provider removals, calibration slope and intercept, sign agreement (domain/quality.py).
+Needs a run of the `embedded` setup with `--ground-truth scratch` and no `--max-train`.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provider_values import load_corpus  # noqa: E402
+
+from dataworth import CausalLMTask  # noqa: E402
+from domain import quality  # noqa: E402
+from domain.lm import TinyGPT2Config, train_tiny_gpt2, train_tokenizer  # noqa: E402
+from domain.queries import completions_of, encode_queries, read_prompts  # noqa: E402
+from domain.sequences import tokenize_corpus  # noqa: E402
+from domain.settings import Settings  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ground_truth", type=Path, help="JSON written by provider_values.py --output")
+    args = parser.parse_args()
+    saved = json.loads(args.ground_truth.read_text())
+    if (
+        saved["setup"] != "embedded"
+        or saved["retrain"].get("ground_truth") != "scratch"
+        or saved["retrain"]["max_train"]
+    ):
+        raise SystemExit(f"{args.ground_truth}: needs an embedded, --ground-truth scratch run on all training rows")
+    settings = Settings()
+    m = settings.model
+    corpus = load_corpus(None)
+    tokenizer = train_tokenizer(corpus["text"].to_list(), vocab_size=m.vocab_size)
+    seqs = tokenize_corpus(corpus, tokenizer, settings.shards.seq_len)
+    providers = sorted(seqs["provider_id"].unique().to_list())
+    code = {p: i for i, p in enumerate(providers)}
+    train = [list(ids) for ids in seqs["input_ids"].to_list()]
+    groups = torch.tensor([code[p] for p in seqs["provider_id"].to_list()])
+    shape = TinyGPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions)
+    model = train_tiny_gpt2(
+        train, tokenizer, shape, steps=m.train_steps, batch_size=m.train_batch_size, lr=m.learning_rate, seed=0
+    )
+    prompts = read_prompts(settings.queries_path())
+    queries = encode_queries(
+        tokenizer, [p["prompt"] for p in prompts], completions_of(model, tokenizer, settings, prompts)
+    )
+    task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=m.seed)
+    removals = [[code[p] for p in r["removed"]] for r in saved["removals"]]
+    measured = np.array([r["measured"] for r in saved["removals"]])
+
+    def evaluate(name: str, valued: nn.Module, projection, curvature) -> None:
+        gradients = quality.capture(valued, task, train, queries, projection, fishers=(curvature.fisher,))
+        sums = quality.group_sums(quality.score_matrix(gradients, curvature), groups, len(providers))
+        predicted = quality.predicted_removal_effects(sums, removals, len(train)).numpy()
+        agreement = quality.removal_agreement(predicted, measured, len(providers))
+        cells = " | ".join(f"{agreement[k]:.3f}" for k in ("spearman", "slope", "intercept", "sign_agreement"))
+        print(f"| {name} | {cells} |", flush=True)
+
+    print("| valuation setting | Spearman (singles) | slope | intercept | sign agreement |")
+    print("|---|---|---|---|---|")
+    p, c = settings.projection, settings.curvature
+    evaluate("default (rank 32, damping 0.01 relative, lm_head left out)", model, p, c)
+    evaluate("rank 64", model, replace(p, rank_in=64, rank_out=64), c)
+    evaluate("damping 0.001 relative", model, p, replace(c, damping=0.001))
+    model.config.tie_word_embeddings = False  # lm_head's own copy of the tied weight: its output use only
+    model.lm_head.weight = nn.Parameter(model.transformer.wte.weight.detach().clone())
+    evaluate("lm_head tracked (untied copy)", model, replace(p, exclude=()), c)
+
+
+if __name__ == "__main__":
+    main()
