@@ -44,6 +44,7 @@ from dataworth import (
     batches,
 )
 from dataworth.task import IGNORE
+from domain.quality import RetrainConfig, example_losses, fine_tune, subset_masks
 
 CACHE = quality_data.CACHE / "lds"
 torch.set_num_threads(int(os.environ.get("LDS_THREADS", "1")))  # 1: the 2-core machine is shared
@@ -84,35 +85,7 @@ def build(spec: BenchSpec, log):
         quality_data.MODEL = saved
 
 
-# ---------------------------------------------------------------- ground truth (self-contained)
-
-
-def subset_masks(n: int, m: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(m, n, dtype=torch.bool)
-    for row in masks:
-        row[torch.randperm(n, generator=generator)[: n // 2]] = True
-    return masks
-
-
-def fine_tune(base, task, examples, spec: BenchSpec, seed: int):
-    model = copy.deepcopy(base).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(spec.epochs):
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order), spec.batch_size):
-            batch = task.collate([examples[i] for i in order[start : start + spec.batch_size]])
-            loss = task.loss(model, batch) / (batch["labels"][:, 1:] != IGNORE).sum().clamp_min(1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def query_losses(model, task, queries) -> torch.Tensor:
-    return torch.tensor([float(task.query_loss(model, task.collate([q]))) for q in queries], dtype=torch.float64)
+# ---------------------------------------------------------------- ground truth (domain/quality.py's retraining)
 
 
 def ground_truth(spec: BenchSpec, key: str, model, task, bench, log) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,13 +93,16 @@ def ground_truth(spec: BenchSpec, key: str, model, task, bench, log) -> tuple[to
     path = CACHE / f"{key}-S{spec.seeds}-e{spec.epochs}-lr{spec.lr}-b{spec.batch_size}.safetensors"
     masks = subset_masks(len(bench.train), spec.subsets, seed=spec.seed)
     rows = list(load_file(path)["losses"]) if path.exists() else []  # per subset: (S, Q)
+    retrain = RetrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size)
     started = time.time()
     for j in range(len(rows), spec.subsets):
         subset = [bench.train[i] for i in masks[j].nonzero().flatten().tolist()]
         rows.append(
             torch.stack(
                 [
-                    query_losses(fine_tune(model, task, subset, spec, seed=1000 * spec.seed + s), task, bench.queries)
+                    example_losses(
+                        fine_tune(model, task, subset, retrain, seed=1000 * spec.seed + s), task, bench.queries
+                    )
                     for s in range(spec.seeds)
                 ]
             )

@@ -10,32 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from dataworth import CausalLMTask, ConfigError, LoGra, ProjectionConfig
 from dataworth.adapters import lora_include, lora_layers, lora_projection_config
+from tests.test_engine_architectures import VOCAB, build
 from tests.test_engine_capture import explicit_projection
 
 peft = pytest.importorskip("peft")
-VOCAB = 64
 DEVICE = torch.device(os.environ.get("DATAWORTH_TEST_DEVICE", "cpu"))
 
 
 def base_model(arch: str):
-    torch.manual_seed(0)
+    """The tiny seeded Llama of the architecture tests, or a tiny GPT-2 (tied embeddings, Conv1D layers)."""
     if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-            tie_word_embeddings=False,
-        )
-        return LlamaForCausalLM(config)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2))  # tied, Conv1D
+        return build("llama")
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2))
 
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}

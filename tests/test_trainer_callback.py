@@ -6,28 +6,17 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from dataworth import CausalLMTask, ConfigError, LoGra, MismatchError, ProjectionConfig
 from dataworth.trainer import GradientLogger, ValuationCallback, examples_from_dataset, load_valuation_log
+from tests.test_engine_architectures import VOCAB, build
 
-VOCAB = 64
 CONFIG = ProjectionConfig(rank_in=4, rank_out=4, exclude=("lm_head",))
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+    return build("llama")  # the seeded tiny Llama of the architecture tests
 
 
 def train_sequences(n: int = 10) -> list[list[int]]:
