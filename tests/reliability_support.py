@@ -8,6 +8,10 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
+import polars as pl
+import torch
+from polars.testing import assert_frame_equal
 
 from domain.settings import Settings
 from pipelines.definitions import build_definitions
@@ -107,3 +111,26 @@ def canonical(table: str, frame, drop: tuple[str, ...] = ()):
     """`frame` without volatile (and `drop`) columns, sorted by its key columns."""
     gone = [c for c in (*VOLATILE.get(table, ()), *drop) if c in frame.columns]
     return frame.drop(gone).sort([k for k in KEYS[table] if k not in gone], nulls_last=True)
+
+
+# Float32 sums are reassociated by the BLAS's blocking, which MKL chooses by thread count and memory
+# alignment: tensors written by another process agree to rounding, not to the bit. Everything else
+# (keys, shapes, counts, ids) must agree exactly.
+def blob_values(frame: pl.DataFrame, column: str) -> torch.Tensor:
+    """The values of a blob column, concatenated as float64: float32 `gradient` rows, or `data` rows of their
+    row's `dtype`."""
+    dtypes = frame["dtype"].to_list() if column == "data" else ["float32"] * frame.height
+    arrays = [np.frombuffer(blob, dtype=np.dtype(dtype)) for blob, dtype in zip(frame[column], dtypes)]
+    return torch.from_numpy(np.concatenate([np.zeros(0), *arrays]).astype(np.float64))
+
+
+def assert_same_rows(table: str, actual: pl.DataFrame, expected: pl.DataFrame, drop: tuple[str, ...] = ()):
+    """`actual` holds `expected`'s rows: exactly, except tensor blobs, which agree up to float32 rounding
+    (relative 1e-4, absolute 1e-5 of the largest value)."""
+    actual, expected = canonical(table, actual, drop), canonical(table, expected, drop)
+    blobs = [c for c in ("gradient", "data") if c in expected.columns]
+    assert_frame_equal(actual.drop(blobs), expected.drop(blobs))
+    for column in blobs:
+        got, want = blob_values(actual, column), blob_values(expected, column)
+        atol = 1e-5 * want.abs().max().item() if want.numel() else 0.0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda m, c=column: f"{table}.{c}: {m}")

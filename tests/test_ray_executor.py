@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from polars.testing import assert_frame_equal
 
 from tests.pipeline_harness import TINY_SETTINGS, make_tiny_setup
-from tests.reliability_support import canonical
+from tests.reliability_support import assert_same_rows
 
 pytest.importorskip("dagster_ray", reason="dagster-ray is not installed: pip install -e '.[dev]'")
 RAY = Path(sys.executable).parent / "ray"
@@ -98,7 +97,4 @@ def test_ray_executor_gives_the_local_executors_rows(tmp_path, monkeypatch, ray_
     )
     assert jobs.stdout.count("SUCCEEDED") >= len(COMPARED), jobs.stdout[-2000:]  # the steps ran as Ray jobs
     for table in COMPARED:
-        actual = on_ray.delta.read(table)
-        assert_frame_equal(
-            canonical(table, actual, ("mlflow_run_id",)), canonical(table, expected[table], ("mlflow_run_id",))
-        )
+        assert_same_rows(table, on_ray.delta.read(table), expected[table], ("mlflow_run_id",))

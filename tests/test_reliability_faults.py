@@ -16,7 +16,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from deltalake import DeltaTable
-from polars.testing import assert_frame_equal
 
 from domain.artifacts import latest_row
 from pipelines import cli
@@ -24,7 +23,7 @@ from pipelines.automation import active_run, code_versions, stale_shards, stale_
 from resources.schemas import SCHEMAS
 from resources.state import PROJECT_ROOT, dagster_home
 from tests.pipeline_harness import make_tiny_setup
-from tests.reliability_support import canonical, clone, materialized_setup, run
+from tests.reliability_support import assert_same_rows, clone, materialized_setup, run
 
 GRADIENT_TABLES = ("projected_gradients", "projected_gradients_statistics")
 SECRET = "sk-test-do-not-store-0123456789"
@@ -38,10 +37,6 @@ def base(tmp_path_factory):
         monkeypatch.setenv("DATAWORTH_TEST_API_TOKEN", SECRET)  # a secret in the environment of the run
         setup = materialized_setup(tmp_path_factory.mktemp("faults"), monkeypatch)
         yield setup, {table: setup.delta.read(table) for table in SCHEMAS}
-
-
-def assert_same_table(table: str, actual, expected, drop: tuple[str, ...] = ()):
-    assert_frame_equal(canonical(table, actual, drop), canonical(table, expected, drop))
 
 
 def worker(log, assets: str, shards: list[str], all_shards: list[str]) -> subprocess.Popen:
@@ -89,13 +84,13 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_uninterrupted_rows(base, t
     covering = shards[shards.index(stale[0]) : shards.index(stale[-1]) + 1]  # the range stale_work requests
     assert run(home, "projected_gradients", shards=covering).success
     for table in GRADIENT_TABLES:  # no duplicates, no gaps, the same bytes
-        assert_same_table(table, home.delta.read(table), reference[table])
+        assert_same_rows(table, home.delta.read(table), reference[table])
 
     assert run(home, "hessian_factors", "influence_scores").success
-    assert_same_table("hessian_factors", home.delta.read("hessian_factors"), reference["hessian_factors"])
+    assert_same_rows("hessian_factors", home.delta.read("hessian_factors"), reference["hessian_factors"])
     vid = latest_row(home.delta, "valuation_provenance")["valuation_id"]
     scores = home.delta.read("influence_scores", where={"valuation_id": vid})
-    assert_same_table("influence_scores", scores, reference["influence_scores"], drop=("valuation_id",))
+    assert_same_rows("influence_scores", scores, reference["influence_scores"], drop=("valuation_id",))
 
 
 def test_dataworth_run_waits_for_a_live_run_and_takes_over_from_a_killed_one(tmp_path, monkeypatch, capsys):
@@ -146,7 +141,7 @@ def test_two_processes_writing_partitions_of_one_table_both_land(base, tmp_path,
         children = [worker(log, "projected_gradients", part, shards) for part in (shards[:half], shards[half:])]
         assert [c.wait(timeout=300) for c in children] == [0, 0], (tmp_path / "worker.log").read_text()[-3000:]
     for table in GRADIENT_TABLES:
-        assert_same_table(table, home.delta.read(table), reference[table])
+        assert_same_rows(table, home.delta.read(table), reference[table])
         assert home.delta.version(table) == len(shards) - 1  # one commit per shard and table, none lost
 
 
@@ -162,7 +157,7 @@ def test_two_fresh_homes_give_identical_scores(base, tmp_path, monkeypatch):
         "provider_valuations",
         "valuation_provenance",
     ):
-        assert_same_table(
+        assert_same_rows(
             table,
             other.delta.read(table),
             reference[table],
@@ -190,7 +185,7 @@ def test_rematerializing_every_asset_is_idempotent(base):
     assert run(setup, "influence_scores", "provider_valuations").success  # same inputs: same valuation
     assert setup.delta.read("valuation_provenance")["valuation_id"].to_list() == [vid]
     for table in ("influence_scores", "provider_valuations"):
-        assert_same_table(table, setup.delta.read(table), reference[table])
+        assert_same_rows(table, setup.delta.read(table), reference[table])
 
     assert run(setup, *(a.key.path[-1] for a in setup.definitions().assets)).success  # every asset, every shard
     for table in SCHEMAS:
@@ -202,4 +197,4 @@ def test_rematerializing_every_asset_is_idempotent(base):
         drop = tuple(
             c for c in ("valuation_id", "provenance", "corpus_version") if c in after.columns
         )  # input versions
-        assert_same_table(table, after, reference[table], drop=drop)
+        assert_same_rows(table, after, reference[table], drop=drop)
