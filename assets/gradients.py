@@ -13,7 +13,14 @@ from assets.partitions import SINGLE_RUN, shard_partitions
 from assets.steps import step_tags
 from dataworth import CausalLMTask, LoGra
 from domain.artifacts import load_model, load_projection, projections_dir, require_single
-from domain.gradients import PCA_SEQUENCES, capture_shard, examples_of, fit_curvature, pipeline_projection_config
+from domain.gradients import (
+    PCA_SEQUENCES,
+    capture_shard,
+    examples_of,
+    fit_curvature,
+    pipeline_projection_config,
+    stored_gradients,
+)
 from domain.progress import Progress
 from domain.settings import Settings
 from resources.codecs import tensors_to_frame
@@ -81,6 +88,8 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                 "dim": projection.layout.dim,
                 "delta_version": version,
                 "layers": dg.MetadataValue.md("| layer | k_in | k_out |\n|---|---|---|\n" + layers),
+                "not_tracked_tied": ", ".join(sorted(set(config.exclude) - set(settings.projection.exclude))),
+                "ranks_cut_to_width": ", ".join(sorted(set(config.ranks) - set(settings.projection.ranks))),
             },
             check_results=[schema_result(delta, "gradient_projection")],
         )
@@ -171,7 +180,9 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     def hessian_factors(context: dg.AssetExecutionContext, delta: DeltaStore) -> dg.MaterializeResult:
         """Partial statistics of every shard merged into the chosen curvature (eigen-factors)."""
         shards = context.instance.get_dynamic_partitions(shard_partitions.name)
-        upstream = upstream_versions(delta, "projected_gradients_statistics", "gradient_projection")
+        upstream = upstream_versions(
+            delta, "projected_gradients_statistics", "projected_gradients", "gradient_projection"
+        )
         projection, projection_row = load_projection(delta)
         partials = delta.read("projected_gradients_statistics", where={"shard_id": shards})
         missing = sorted(set(shards) - set(partials["shard_id"].unique().to_list()))
@@ -182,7 +193,11 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             )
         require_single(partials, "projection_hash", projection_row["projection_hash"], "gradient statistics")
         require_single(partials, "fisher", settings.curvature.fisher, "gradient statistics")
-        curvature, merged = fit_curvature(partials, projection.layout, settings.curvature.kind)
+        gradients = None  # the empirical Fisher's second moments: one pass over the stored gradients
+        if settings.curvature.fisher == "empirical":
+            stored = stored_gradients(delta, shards, upstream["projected_gradients"])
+            gradients = (block for _, _, block in stored)
+        curvature, merged = fit_curvature(partials, projection.layout, settings.curvature.kind, gradients)
         frame = tensors_to_frame(  # identity curvature has no factors: zero rows
             curvature.to_tensors(),
             kind=curvature.kind,

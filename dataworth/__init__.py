@@ -10,7 +10,7 @@ from dataworth.capture import BatchCapture, GradientCapture
 from dataworth.config import CurvatureConfig, ProjectionConfig
 from dataworth.curvature import Curvature, Preconditioner
 from dataworth.errors import ConfigError, DataworthError, MismatchError, NonFiniteError
-from dataworth.layers import LayerSpec, find_layers
+from dataworth.layers import LayerSpec, find_layers, tied_layers
 from dataworth.logra import LoGra
 from dataworth.projection import GradientLayout, Projection
 from dataworth.scoring import InfluenceResult, InfluenceScorer
@@ -39,6 +39,7 @@ __all__ = [
     "Task",
     "batches",
     "find_layers",
+    "tied_layers",
     "lora_include",
     "lora_layers",
     "lora_projection_config",

@@ -4,8 +4,9 @@ For a layer with projected gradients G (k_out x k_in), vec row-major:
     raw    H = E[vec G vec G^T] = Q diag(d) Q^T
     kfac   H = S (x) A with A = E_tokens[u u^T] = Q_A diag(a) Q_A^T, S = sum_t v v^T / examples
            = Q_S diag(s) Q_S^T; eigenvalues s_o a_i
-    ekfac  KFAC eigenbases, eigenvalues E[(Q_S^T G Q_A)^2] (exactly diag((Q_S (x) Q_A)^T M (Q_S (x) Q_A))
-           for the second moment M, so no second pass over the data is needed)
+    ekfac  KFAC eigenbases, eigenvalues E[(Q_S^T G Q_A)^2]: diag((Q_S (x) Q_A)^T M (Q_S (x) Q_A)) for the
+           second moment M when it was kept, else one more pass over the gradients (wide layers: M is
+           D_l x D_l, 2 GB for a 16 x 1024 block)
 Damping is added when preconditioning, never stored, so repeated calls never accumulate it.
 """
 
@@ -33,6 +34,24 @@ def ekfac_eigenvalues(second_moment: torch.Tensor, q_s: torch.Tensor, q_a: torch
     return torch.einsum("oicd,co,di->oi", m, q_s, q_a)  # and the right one, keeping the diagonal
 
 
+def _raw_from_gradients(stats: CurvatureStatistics, gradients) -> dict[str, dict[str, torch.Tensor]]:
+    """Raw factors from E[vec G vec G^T] summed over `gradients` ((B, D) blocks of stats' examples)."""
+    moments = {b.name: torch.zeros(b.size, b.size, dtype=torch.float64) for b in stats.layout.blocks}
+    seen = 0
+    for rows in gradients:
+        for block in stats.layout.blocks:
+            g = block.view(rows).reshape(rows.shape[0], -1).double()
+            moments[block.name] += g.T @ g
+        seen += rows.shape[0]
+    if seen != stats.examples:
+        raise MismatchError(f"{seen} gradient rows for statistics of {stats.examples} examples")
+    factors = {}
+    for name, moment in moments.items():
+        d, q = _eigh(moment / seen)
+        factors[name] = {"eigenvalues": d, "eigenvectors": q}
+    return factors
+
+
 class Curvature:
     """Undamped eigen-factors of every layer: `factors[layer][name]` float64 tensors."""
 
@@ -42,12 +61,20 @@ class Curvature:
         self.factors = factors
 
     @classmethod
-    def fit(cls, stats: CurvatureStatistics, kind: str) -> "Curvature":
-        """Eigendecompose the merged statistics into the chosen approximation."""
-        if kind in ("raw", "ekfac") and not stats.has_second_moment:
-            raise ConfigError(f"curvature {kind!r} needs statistics collected with second_moment=True")
+    def fit(cls, stats: CurvatureStatistics, kind: str, gradients=None) -> "Curvature":
+        """Eigendecompose the merged statistics into the chosen approximation. Raw and EK-FAC need the
+        (D_l x D_l) second moments; without them in `stats`, `gradients` (an iterable of (B, D) blocks of
+        the same examples' projected gradients, in the same Fisher) stands in for them: one more pass."""
         if kind != "identity" and stats.examples == 0:
             raise ConfigError("curvature statistics are empty: no example was seen")
+        if kind in ("raw", "ekfac") and not stats.has_second_moment:
+            if gradients is None:
+                raise ConfigError(
+                    f"curvature {kind!r} needs statistics collected with second_moment=True, or the gradients"
+                )
+            if kind == "ekfac":
+                return cls.fit_ekfac_from_gradients(stats, gradients)
+            return cls("raw", stats.layout, _raw_from_gradients(stats, gradients))
         factors = {}
         for block in stats.layout.blocks:
             sums = stats.sums[block.name]

@@ -52,13 +52,20 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
 
 
-def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> names of every module holding it directly (more than one: tied weights)."""
+def tied_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Name of each module with a weight -> the other modules holding that same weight (tied weights, e.g.
+    lm_head and the input embedding); modules whose weight is their own are left out."""
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(name)
-    return owners
+    tied = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        holders = owners.get(id(weight), []) if isinstance(weight, nn.Parameter) else []
+        if len(holders) > 1:
+            tied[name] = [o for o in holders if o != name]
+    return tied
 
 
 def find_layers(
@@ -78,10 +85,9 @@ def find_layers(
             continue
         if _matches(name, include) and not _matches(name, exclude):
             found[name] = spec
-    owners = _shared_weights(model)
+    tied = tied_layers(model)
     for name in found:
-        others = [o for o in owners[id(model.get_submodule(name).weight)] if o != name]
-        if others:  # e.g. lm_head tied to the input embedding: the weight's gradient sums both uses
+        if others := tied.get(name):  # e.g. lm_head tied to the input embedding: the gradient sums both uses
             raise ConfigError(
                 f"layer {name!r} shares its weight with {others} (tied weights, e.g. tied input/output "
                 "embeddings): its gradient is the sum over every use of that weight, and the engine captures "

@@ -1,13 +1,30 @@
 """Training gradients of one shard, and the curvature fitted from every shard's partial statistics."""
 
+from dataclasses import replace
+from fnmatch import fnmatchcase
+
 import polars as pl
 from torch import nn
 
-from dataworth import Curvature, CurvatureStatistics, GradientLayout, LoGra, NonFiniteError, ProjectionConfig
+from dataworth import (
+    ConfigError,
+    Curvature,
+    CurvatureStatistics,
+    GradientLayout,
+    LoGra,
+    NonFiniteError,
+    ProjectionConfig,
+    find_layers,
+    tied_layers,
+)
 from dataworth.adapters import lora_projection_config
-from resources.codecs import frame_to_tensors, gradients_to_binary, tensors_to_frame
+from dataworth.layers import layer_spec
+from dataworth.projection import input_width, requested_ranks
+from resources.codecs import binary_to_gradients, frame_to_tensors, gradients_to_binary, tensors_to_frame
+from resources.delta import DeltaStore
 
 PCA_SEQUENCES = 256  # sequences of the statistics pass that fits PCA projections
+SAMPLED_BLOCK_LIMIT = 4096  # widest layer whose (D_l x D_l) second moment a shard keeps: 128 MiB in float64
 
 
 def examples_of(sequences: pl.DataFrame) -> list[list[int]]:
@@ -16,26 +33,58 @@ def examples_of(sequences: pl.DataFrame) -> list[list[int]]:
 
 
 def pipeline_projection_config(config: ProjectionConfig, model: nn.Module, adapter: bool) -> ProjectionConfig:
-    """The projection the pipeline makes: `[projection]` as set, or for a model with a LoRA adapter only the
-    adapter's lora_A / lora_B layers, at rank_in / rank_out clipped to the adapter rank r (its `ranks`,
-    `include` and `exclude` name base layers, which are then never tracked); seed, init and bias are kept."""
-    if not adapter:
+    """The projection the pipeline makes for `model`. Without an adapter: `[projection]` as set, except that a
+    layer whose weight is tied to another module (lm_head and the input embedding) is not tracked (the engine
+    captures one use of a weight only) and a rank wider than its layer is cut to the layer's width, each
+    recorded as an exact `exclude` / `ranks` entry. With a LoRA adapter: only its lora_A / lora_B layers, at
+    rank_in / rank_out clipped to the adapter rank r (`ranks`, `include` and `exclude` name base layers,
+    which are then never tracked); seed, init and bias are kept."""
+    if adapter:
+        return lora_projection_config(
+            model, config.rank_in, config.rank_out, seed=config.seed, init=config.init, bias=config.bias
+        )
+    modules = dict(model.named_modules())
+    tied = [
+        name
+        for name in tied_layers(model)
+        if (spec := layer_spec(name, modules[name])) is not None
+        and (spec.kind != "embedding" or config.embeddings)
+        and any(fnmatchcase(name, p) for p in config.include)
+        and not any(fnmatchcase(name, p) for p in config.exclude)
+    ]
+    config = replace(config, exclude=(*config.exclude, *tied))
+    if config.init == "identity":
         return config
-    return lora_projection_config(
-        model, config.rank_in, config.rank_out, seed=config.seed, init=config.init, bias=config.bias
-    )
+    clipped = {}
+    for name, spec in find_layers(model, config.include, config.exclude, config.embeddings).items():
+        k_in, k_out = requested_ranks(name, config)
+        n_in = input_width(spec, config)
+        if k_in > n_in or k_out > spec.n_out:
+            clipped[name] = (min(k_in, n_in), min(k_out, spec.n_out))
+    if not clipped:
+        return config
+    return replace(config, ranks=clipped | {p: r for p, r in config.ranks.items() if p not in clipped})  # first match
 
 
 def capture_shard(logra: LoGra, sequences: pl.DataFrame, fisher: str, hashes: dict[str, str], progress=None):
     """(projected_gradients rows, projected_gradients_statistics rows) of one shard's sequences.
 
     `sequences` are token_shards rows of one shard in seq_index order; `hashes` (projection_hash,
-    model_hash) is stamped on every row. Empirical statistics come from the same pass as the gradients;
-    sampled ones need a second pass with labels drawn from the model.
+    model_hash) is stamped on every row. Empirical statistics come from the same pass as the gradients and
+    leave the (D_l x D_l) second moments to `fit_curvature`'s pass over the stored gradients; sampled ones
+    need a second pass with labels drawn from the model, and keep their second moments.
     """
     shard = sequences["shard_id"][0]
+    widest = max(b.size for b in logra.projection.layout.blocks)
+    if fisher == "sampled" and widest > SAMPLED_BLOCK_LIMIT:
+        wide = [b.name for b in logra.projection.layout.blocks if b.size > SAMPLED_BLOCK_LIMIT]
+        raise ConfigError(
+            f'[curvature] fisher = "sampled" keeps every layer\'s (D_l x D_l) second moment per shard; layers {wide} '
+            f"project to more than {SAMPLED_BLOCK_LIMIT} dimensions (up to {widest}: {widest**2 * 8 / 2**30:.1f} GiB "
+            'per shard); set fisher = "empirical", or lower their [projection] ranks'
+        )
     examples = examples_of(sequences)
-    stats = logra.new_statistics()
+    stats = logra.new_statistics(second_moment=False)
     try:
         gradients = logra.capture(examples, statistics=stats if fisher == "empirical" else None, progress=progress)
     except NonFiniteError as error:
@@ -48,10 +97,26 @@ def capture_shard(logra: LoGra, sequences: pl.DataFrame, fisher: str, hashes: di
     return rows, tensors_to_frame(stats.to_tensors(), shard_id=shard, fisher=fisher, **hashes)
 
 
-def fit_curvature(partials: pl.DataFrame, layout: GradientLayout, kind: str) -> tuple[Curvature, CurvatureStatistics]:
-    """Merge the shards' partial statistics (projected_gradients_statistics rows) and fit `kind`."""
+def stored_gradients(delta: DeltaStore, shards: list[str], version: int | None):
+    """(shard, seq_ids, (n, D) float32 gradients) of each of `shards` in projected_gradients at `version`:
+    shards in sorted order, rows by seq_id; one shard in memory at a time."""
+    for shard in sorted(shards):
+        part = delta.read(
+            "projected_gradients", version=version, where={"shard_id": shard}, columns=["seq_id", "gradient"]
+        ).sort("seq_id")
+        yield shard, part["seq_id"].to_list(), binary_to_gradients(part["gradient"])
+
+
+def fit_curvature(
+    partials: pl.DataFrame, layout: GradientLayout, kind: str, gradients=None
+) -> tuple[Curvature, CurvatureStatistics]:
+    """Merge the shards' partial statistics (projected_gradients_statistics rows) and fit `kind`. With
+    `gradients` ((B, D) blocks of the same examples, the empirical Fisher), raw and EK-FAC take their second
+    moments from one pass over them, and any stored second moments (older shards) are ignored."""
     merged = None
     for (shard,), part in partials.group_by("shard_id", maintain_order=True):
+        if gradients is not None:
+            part = part.filter(~pl.col("name").str.ends_with("|second_moment"))
         try:
             stats = CurvatureStatistics.from_tensors(layout, frame_to_tensors(part))
         except NonFiniteError as error:
@@ -59,4 +124,4 @@ def fit_curvature(partials: pl.DataFrame, layout: GradientLayout, kind: str) -> 
                 f"projected_gradients_statistics of shard {shard}: {error} (re-materialize projected_gradients for it)"
             ) from None
         merged = stats if merged is None else merged.merge(stats)
-    return Curvature.fit(merged, kind), merged
+    return Curvature.fit(merged, kind, gradients), merged

@@ -104,6 +104,7 @@ class TinyGPT2Config:
     n_embd: int = 128
     n_positions: int = 128
     dropout: float = 0.0
+    tie_embeddings: bool = True  # lm_head shares the input embedding's weight (GPT-2's default)
 
     def to_hf(self, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
         """The transformers ``GPT2Config`` for this size and ``tokenizer``."""
@@ -120,6 +121,7 @@ class TinyGPT2Config:
             bos_token_id=eos,
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=self.tie_embeddings,
         )
 
 
@@ -176,7 +178,9 @@ def train_embedded_model(corpus: pl.DataFrame, m: ModelSettings, on_step: Callab
     shape trained on the corpus documents (doc_id, provider_id, batch_id, text), cut at n_positions."""
     tokenizer = train_tokenizer(corpus["text"].to_list(), vocab_size=m.vocab_size)
     sequences = tokenize_corpus(corpus, tokenizer, m.n_positions)["input_ids"].to_list()
-    config = TinyGPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions)
+    config = TinyGPT2Config(
+        n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions, tie_embeddings=m.tie_embeddings
+    )
     model = train_tiny_gpt2(
         sequences,
         tokenizer,

@@ -182,10 +182,11 @@ def capture(
     second_moment: bool = True,
     batch_size: int = 16,
 ) -> Gradients:
-    """One capture pass per projection: train and query gradients plus Fisher statistics (without
-    the (D_l x D_l) second moments, only identity and KFAC curvature can be fitted)."""
+    """One capture pass per projection: train and query gradients plus Fisher statistics. The empirical
+    Fisher's (D_l x D_l) second moments are left to the train gradients (`score_matrix`); the sampled
+    Fisher's are kept if `second_moment` (without them, only identity and KFAC can be fitted with it)."""
     logra = LoGra(model, task, projection, pca_examples=train, batch_size=batch_size)
-    stats = {"empirical": logra.new_statistics(second_moment=second_moment)}
+    stats = {"empirical": logra.new_statistics(second_moment=False)}
     train_grads = logra.capture(train, statistics=stats["empirical"])
     if "sampled" in fishers:
         stats["sampled"] = logra.statistics(train, fisher="sampled", second_moment=second_moment)
@@ -194,7 +195,8 @@ def capture(
 
 def score_matrix(gradients: Gradients, curvature: CurvatureConfig, normalize: str = "none") -> torch.Tensor:
     """(N, Q) float32 influence scores for one curvature configuration."""
-    fitted = Curvature.fit(gradients.statistics[curvature.fisher], curvature.kind)
+    train = [gradients.train] if curvature.fisher == "empirical" else None  # the empirical second moments
+    fitted = Curvature.fit(gradients.statistics[curvature.fisher], curvature.kind, train)
     scorer = InfluenceScorer(gradients.queries, fitted.preconditioner(curvature), normalize)
     return scorer.stream([gradients.train], keep_scores=True).scores
 

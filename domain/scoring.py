@@ -14,6 +14,7 @@ import torch
 
 from dataworth import Curvature, CurvatureConfig, InfluenceResult, InfluenceScorer, MismatchError
 from domain.artifacts import load_projection, require_single
+from domain.gradients import stored_gradients
 from resources.codecs import binary_to_gradients, frame_to_tensors
 from resources.delta import DeltaStore
 
@@ -93,17 +94,11 @@ def score_valuation(
 
     def blocks():
         offset = 0
-        for shard in sorted(shards):
-            part = delta.read(
-                "projected_gradients",
-                version=versions["projected_gradients"],
-                where={"shard_id": shard},
-                columns=["seq_id", "gradient"],
-            ).sort("seq_id")
-            if part["seq_id"].to_list() != rows["seq_id"][offset : offset + part.height].to_list():
+        for shard, seq_ids, gradients in stored_gradients(delta, shards, versions["projected_gradients"]):
+            if seq_ids != rows["seq_id"][offset : offset + len(seq_ids)].to_list():
                 raise MismatchError(f"projected_gradients of shard {shard} changed while it was scored; score again")
-            offset += part.height
-            yield from binary_to_gradients(part["gradient"]).split(block_rows)
+            offset += len(seq_ids)
+            yield from gradients.split(block_rows)
 
     started = time.perf_counter()
     result = scorer.stream(blocks(), top_k=top_k, groups=codes)

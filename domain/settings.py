@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from dataworth.config import CURVATURES, DAMPING_MODES, FISHERS, PROJECTION_INITS, CurvatureConfig, ProjectionConfig
@@ -41,6 +41,7 @@ class ModelSettings:
     n_head: int = 4
     n_embd: int = 128
     n_positions: int = 128
+    tie_embeddings: bool = False  # untied, lm_head is valued too (a tied lm_head is never tracked)
     train_steps: int = 250  # embedded training
     train_batch_size: int = 16
     learning_rate: float = 3e-3
@@ -91,9 +92,9 @@ class Settings:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     shards: ShardSettings = field(default_factory=ShardSettings)
-    projection: ProjectionConfig = field(
-        default_factory=lambda: ProjectionConfig(rank_in=32, rank_out=32, exclude=("lm_head",))
-    )  # rank 32: +0.07 LDS over 16 (benchmarks/RESULTS.md)
+    projection: ProjectionConfig = field(  # rank 32: +0.07 LDS over 16; lm_head's vocabulary side at rank
+        default_factory=lambda: ProjectionConfig(rank_in=32, rank_out=32, ranks={"lm_head": (16, 1024)})
+    )  # 1024: 1.0-1.15x Kronfluence's full-gradient EK-FAC on three benchmarks (benchmarks/RESULTS.md)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     capture_batch_size: int = 16
     queries: QuerySettings = field(default_factory=QuerySettings)
@@ -117,7 +118,7 @@ class Settings:
             if is_dataclass(default):
                 if not isinstance(value, dict):
                     raise SettingsError(f"{source}: {name} = {value!r}: must be a [{name}] section; write it as one")
-                kwargs[name] = _section(source, name, type(default), value)
+                kwargs[name] = _section(source, name, default, value)
             else:
                 kwargs[name] = _value(source, None, name, value, _HINTS[name])
         settings = cls(**kwargs)
@@ -231,7 +232,9 @@ def _unknown(section: str | None, key: str, value, known: list[str]) -> str:
     return f"{where}: unknown {what}; {hint}(known: {', '.join(sorted(known))})"
 
 
-def _section(source: str, name: str, cls: type, values: dict):
+def _section(source: str, name: str, default, values: dict):
+    """The section `default` with the keys of `values` checked and set: a key left out keeps its default."""
+    cls = type(default)
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls)]
     checked = {}
@@ -240,7 +243,7 @@ def _section(source: str, name: str, cls: type, values: dict):
             raise SettingsError(f"{source}: {_unknown(name, key, value, known)}")
         checked[key] = _value(source, name, key, value, hints[key])
     try:
-        return cls(**checked)
+        return replace(default, **checked)
     except (ConfigError, TypeError, ValueError) as error:  # the engine's own checks, should ours miss one
         raise SettingsError(f"{source}: [{name}] {error}") from None
 

@@ -6,7 +6,15 @@ subspace."""
 import pytest
 import torch
 
-from dataworth import Curvature, CurvatureConfig, InfluenceScorer, LoGra, MismatchError, ProjectionConfig
+from dataworth import (
+    ConfigError,
+    Curvature,
+    CurvatureConfig,
+    InfluenceScorer,
+    LoGra,
+    MismatchError,
+    ProjectionConfig,
+)
 from tests.engine_models import RegressionTask, TokenMLP, regression_examples
 
 
@@ -28,6 +36,32 @@ def test_ekfac_from_gradients_equals_ekfac_from_second_moments(config):
     for name, factors in expected.factors.items():
         for key, value in factors.items():
             torch.testing.assert_close(got.factors[name][key], value, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["raw", "ekfac"])
+def test_fit_with_gradients_instead_of_second_moments_equals_fit_with_them(kind):
+    config = ProjectionConfig(rank_in=3, rank_out=2)
+    _, stats, train, _ = captured(config, regression_examples(14), regression_examples(2, seed=1))
+    without = stats.__class__.from_tensors(
+        stats.layout, {k: v for k, v in stats.to_tensors().items() if not k.endswith("|second_moment")}
+    )
+    assert not without.has_second_moment
+    with pytest.raises(ConfigError, match="second_moment=True, or the gradients"):
+        Curvature.fit(without, kind)
+    expected, got = Curvature.fit(stats, kind), Curvature.fit(without, kind, gradients=train.split(4))
+    for name, factors in expected.factors.items():
+        if kind == "raw":  # eigenvectors are defined up to sign: compare the matrices they make
+            factors = {
+                "matrix": factors["eigenvectors"] @ torch.diag(factors["eigenvalues"]) @ factors["eigenvectors"].T
+            }
+            mine = got.factors[name]
+            got.factors[name] = {
+                "matrix": mine["eigenvectors"] @ torch.diag(mine["eigenvalues"]) @ mine["eigenvectors"].T
+            }
+        for key, value in factors.items():
+            torch.testing.assert_close(got.factors[name][key], value, rtol=1e-9, atol=1e-12)
+    with pytest.raises(MismatchError):
+        Curvature.fit(without, kind, gradients=[train[:7]])
 
 
 def test_ekfac_from_gradients_refuses_other_examples():

@@ -238,17 +238,19 @@ def test_bad_model_directory_fails_model_checkpoint(base, tmp_path, kind):
     assert started_steps(result) == ["model_checkpoint"] and versions(base.delta) == before
 
 
-def test_rank_larger_than_a_layer_width_fails_gradient_projection(base):
-    before = versions(base.delta)
+def test_rank_larger_than_a_layer_width_is_cut_to_the_width_and_recorded(base, tmp_path, monkeypatch):
+    home = clone(base, tmp_path, monkeypatch)
     result = run(
-        base, "gradient_projection", "projected_gradients", settings=changed(base.settings, projection={"rank_in": 64})
+        home, "gradient_projection", settings=changed(base.settings, projection={"rank_in": 64, "rank_out": 4})
     )
-    error = failure(result)
-    assert (
-        "ConfigError" in error
-        and "rank_in=64 exceeds the width 32 of layer 'transformer.h.0.attn.c_attn'; lower it" in error
-    )
-    assert started_steps(result) == ["gradient_projection"] and versions(base.delta) == before
+    assert result.success
+    row = latest_row(home.delta, "gradient_projection")
+    ranks = json.loads(row["config"])["ranks"]
+    assert ranks["transformer.h.0.attn.c_attn"] == [32, 4]  # n_embd 32: 64 asked
+    assert "transformer.h.0.mlp.c_proj" not in ranks  # 4 x n_embd = 128 wide: left to rank_in 64
+    (event,) = result.get_asset_materialization_events()
+    cut = event.materialization.metadata["ranks_cut_to_width"].value
+    assert "transformer.h.0.attn.c_attn" in cut and "transformer.h.0.mlp.c_proj" not in cut
 
 
 @pytest.mark.parametrize("damping", [0, -0.5])

@@ -1,0 +1,98 @@
+"""The projection the pipeline makes for a model, and the curvature it fits from stored gradients.
+
+The default `[projection]` tracks lm_head with its vocabulary side at rank 1024 (benchmarks/RESULTS.md):
+a tied lm_head is left out (the engine captures one use of a weight only), a rank wider than its layer is
+cut to the width, and the EK-FAC eigenvalues of the empirical Fisher come from one pass over the stored
+gradients instead of per-shard (D_l x D_l) second moments.
+"""
+
+import polars as pl
+import pytest
+import torch
+
+from dataworth import CausalLMTask, ConfigError, Curvature, LoGra, ProjectionConfig
+from domain.artifacts import load_model, load_projection
+from domain.gradients import capture_shard, examples_of, pipeline_projection_config
+from domain.settings import Settings
+from resources.codecs import frame_to_tensors
+from tests.pipeline_harness import TINY_SETTINGS, make_tiny_setup
+from tests.test_engine_architectures import VOCAB, build
+
+
+def blocks(config: ProjectionConfig, model) -> dict[str, tuple[int, int]]:
+    projection = LoGra(model, CausalLMTask(pad_token_id=0), config).projection
+    return {b.name: (b.k_in, b.k_out) for b in projection.layout.blocks}
+
+
+def test_a_tied_head_is_left_out_and_an_untied_one_tracked_at_ranks_cut_to_its_widths():
+    default = Settings().projection
+    assert default.ranks == {"lm_head": (16, 1024)} and default.exclude == ()
+
+    tied = build("llama", tie_word_embeddings=True)
+    with pytest.raises(ConfigError, match="shares its weight"):  # the engine alone refuses it
+        LoGra(tied, CausalLMTask(pad_token_id=0), default)
+    config = pipeline_projection_config(default, tied, adapter=False)
+    assert config.exclude == ("lm_head",)
+    assert "lm_head" not in blocks(config, tied) and len(blocks(config, tied)) == 14  # 7 Linear per layer
+
+    untied = build("llama")  # hidden 16, MLP 24, vocabulary 64: every rank of 32 or 1024 is cut
+    config = pipeline_projection_config(default, untied, adapter=False)
+    assert config.exclude == ()
+    got = blocks(config, untied)
+    assert got["lm_head"] == (16, VOCAB)
+    assert got["model.layers.0.self_attn.q_proj"] == (16, 16)  # 32 x 32 asked, 16 x 16 wide
+    assert got["model.layers.0.self_attn.k_proj"] == (16, 8)  # 2 key/value heads of 4 dimensions
+    assert got["model.layers.0.mlp.down_proj"] == (24, 16)
+    # what fits is left as asked
+    narrow = ProjectionConfig(rank_in=4, rank_out=4, ranks={"lm_head": (2, 8)})
+    assert pipeline_projection_config(narrow, untied, adapter=False) == narrow
+
+
+def test_sampled_fisher_refuses_a_layer_whose_second_moment_would_not_fit(monkeypatch):
+    model = build("llama")
+    config = ProjectionConfig(rank_in=4, rank_out=4, ranks={"lm_head": (16, 64)})  # 1024 dimensions
+    logra = LoGra(model, CausalLMTask(pad_token_id=0), config)
+    monkeypatch.setattr("domain.gradients.SAMPLED_BLOCK_LIMIT", 1000)
+    sequences = pl.DataFrame(
+        {
+            "shard_id": ["s"],
+            "seq_id": [0],
+            "doc_id": ["d"],
+            "provider_id": ["p"],
+            "n_tokens": [5],
+            "input_ids": [[1, 2, 3, 4, 5]],
+        }
+    )
+    with pytest.raises(ConfigError, match=r"fisher = \"sampled\".*\['lm_head'\].*empirical"):
+        capture_shard(logra, sequences, "sampled", {"projection_hash": "x", "model_hash": "y"})
+    rows, stats = capture_shard(logra, sequences, "empirical", {"projection_hash": "x", "model_hash": "y"})
+    assert rows.height == 1 and not any(name.endswith("|second_moment") for name in stats["name"])
+
+
+def test_pipeline_tracks_the_untied_head_and_fits_ekfac_from_the_stored_gradients(tmp_path, monkeypatch):
+    settings = TINY_SETTINGS.replace('exclude = ["lm_head"]\n', "")  # the default: lm_head tracked, untied
+    setup = make_tiny_setup(tmp_path, monkeypatch, settings)
+    setup.stage()
+    assert all(r.success for r in setup.run_stale())
+    delta = setup.delta
+    model, tokenizer, _ = load_model(delta)
+    assert model.lm_head.weight is not model.transformer.wte.weight  # the embedded model is untied
+    projection, _ = load_projection(delta)
+    assert {b.name: (b.k_in, b.k_out) for b in projection.layout.blocks}["lm_head"] == (16, 320)  # cut: vocab 320
+
+    # brute force: every sequence captured again in one pass, second moments kept, EK-FAC fitted from them
+    sequences = delta.read("token_shards").sort("shard_id", "seq_index")
+    logra = LoGra(model, CausalLMTask(pad_token_id=tokenizer.pad_token_id), projection=projection, batch_size=8)
+    stats = logra.new_statistics(second_moment=True)
+    logra.capture(examples_of(sequences), statistics=stats)
+    expected = Curvature.fit(stats, "ekfac")
+    stored = Curvature.from_tensors("ekfac", projection.layout, frame_to_tensors(delta.read("hessian_factors")))
+    for name, factors in expected.factors.items():
+        torch.testing.assert_close(
+            stored.factors[name]["eigenvalues"],
+            factors["eigenvalues"],
+            rtol=1e-4,
+            atol=1e-9 * factors["eigenvalues"].max(),
+        )
+    statistics = delta.read("projected_gradients_statistics")
+    assert not statistics.filter(statistics["name"].str.ends_with("|second_moment")).height
