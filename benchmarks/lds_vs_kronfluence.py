@@ -1,12 +1,14 @@
-"""LDS of dataworth configurations side by side with Kronfluence EK-FAC, on two benchmarks (issue 10).
+"""LDS of dataworth configurations side by side with Kronfluence EK-FAC, on three benchmarks (issue 10).
 
-    .venv/bin/python benchmarks/lds_vs_kronfluence.py                       # both benchmarks, every config
+    .venv/bin/python benchmarks/lds_vs_kronfluence.py                       # every benchmark and config
     .venv/bin/python benchmarks/lds_vs_kronfluence.py --bench A --configs default kron-all
 
-Benchmarks (both from data/embedded_corpus, base models cached under benchmarks/.cache/):
+Benchmarks (all from data/embedded_corpus, base models cached under benchmarks/.cache/):
     A  the quality benchmark: split seed 0, GPT-2 n_layer 2, n_embd 64, 300 training sequences, 20 queries
     B  split seed 1 (other held-out and training documents), GPT-2 n_layer 4, n_embd 128,
        400 training sequences (40 per provider), 30 queries (3 per provider)
+    C  split seed 2, GPT-2 n_layer 3, n_embd 96, 350 training sequences, 20 queries: added after A and B
+       had picked the lm_head rank and damping, to check them on a benchmark that took no part in the choice
 Ground truth: m random halves of the training set x S seeds fine-tuned from the base (AdamW, 2 epochs,
 lr 1e-3, batch 8); each query's retrained loss is cached (benchmarks/.cache/lds/), as are Kronfluence's
 scores, so a rerun only recomputes the dataworth configurations. LDS = Spearman over subsets between
@@ -45,6 +47,7 @@ from dataworth import (
 )
 from dataworth.task import IGNORE
 from domain.quality import RetrainConfig, example_losses, fine_tune, subset_masks
+from domain.settings import Settings
 
 CACHE = quality_data.CACHE / "lds"
 torch.set_num_threads(int(os.environ.get("LDS_THREADS", "1")))  # 1: the 2-core machine is shared
@@ -68,6 +71,8 @@ class BenchSpec:
 BENCHES = {
     "A": BenchSpec("A", seed=0, n_layer=2, n_embd=64, train_per_provider=30, query_docs=2, subsets=48),
     "B": BenchSpec("B", seed=1, n_layer=4, n_embd=128, train_per_provider=40, query_docs=3, subsets=40),
+    # a held-out check of what A and B chose: another split and shape, never used to pick a setting
+    "C": BenchSpec("C", seed=2, n_layer=3, n_embd=96, train_per_provider=35, query_docs=2, subsets=40),
 }
 
 
@@ -269,7 +274,13 @@ ABS0 = dict(damping=1e-8, damping_mode="absolute")  # Kronfluence's default damp
 def configs() -> list[Config]:
     full = ProjectionConfig(init="identity", exclude=NO_HEAD)
     c = [
-        Config("default", note="pipeline default: random 32/side, EK-FAC, empirical, 0.01 relative, no lm_head"),
+        Config(
+            "default",
+            Settings().projection,
+            Settings().curvature,
+            note="pipeline default: random 32/side, lm_head 16 x 1024, EK-FAC, empirical, 0.01 relative",
+        ),
+        Config("old-default", note="the default before: random 32/side, EK-FAC, empirical, 0.01 relative, no lm_head"),
         # step 2: full width, the very layers and Fisher of Kronfluence
         Config(
             "full-ekfac-sampled-d1e-8", full, CurvatureConfig(fisher="sampled", **ABS0), note="= kron-nohead's math"
@@ -310,6 +321,28 @@ def configs() -> list[Config]:
         Config("full+head-emp-rel1e-4", ProjectionConfig(init="identity"), CurvatureConfig(damping=1e-4)),
         Config("random32+head-x4seeds-d1e-8", replace(DEFAULT_PROJ, exclude=()), CurvatureConfig(**ABS0), ensemble=4),
         Config("random32-cosine", DEFAULT_PROJ, normalize="cosine"),
+        # lm_head's vocabulary side gets the rank (benchmarks/lds_damping_sweep.py), damped per layer
+        Config(
+            "random32+head16x1024-rel0.1",
+            replace(DEFAULT_PROJ, exclude=(), ranks={"lm_head": (16, 1024)}),
+            CurvatureConfig(damping=0.1, per_layer_damping={"lm_head": 0.01}),
+        ),
+        Config(
+            "random32+head32x1024",
+            replace(DEFAULT_PROJ, exclude=(), ranks={"lm_head": (32, 1024)}),
+            CurvatureConfig(damping=0.1, per_layer_damping={"lm_head": 0.01}),
+        ),
+        Config(
+            "random16+head32x512",
+            replace(DEFAULT_PROJ, rank_in=16, rank_out=16, exclude=(), ranks={"lm_head": (32, 512)}),
+            CurvatureConfig(damping=0.1, per_layer_damping={"lm_head": 0.01}),
+        ),
+        Config(
+            "full+head-rel0.01-head0.1",
+            ProjectionConfig(init="identity"),
+            CurvatureConfig(per_layer_damping={"lm_head": 0.1}),
+            note="full width, lm_head damped 0.1 x its mean eigenvalue",
+        ),
     ]
     return c
 
@@ -348,20 +381,20 @@ def untied_head(model: nn.Module) -> nn.Module:
 def dataworth_scores(model, task, bench, cfg: Config, seed: int) -> tuple[torch.Tensor, float, float, int]:
     """(scores (N, Q), capture seconds, scoring seconds, D) for one projection seed."""
     projection = replace(cfg.projection, seed=seed)
-    full = projection.init == "identity"
+    from_gradients = cfg.curvature.kind == "ekfac"  # no (D_l x D_l) second moments: wide blocks stay cheap
     if "lm_head" not in projection.exclude:
         model = untied_head(model)
     t0 = time.time()
     logra = LoGra(model, task, projection, pca_examples=bench.train, batch_size=16)
     sampled = cfg.curvature.fisher == "sampled"
-    stats = logra.new_statistics(second_moment=not full)
+    stats = logra.new_statistics(second_moment=not from_gradients)
     train = pass_gradients(logra, bench.train, stats=None if sampled else stats)
     fisher_grads = train
     if sampled:  # the curvature's own pass with labels drawn from the model
         fisher_grads = pass_gradients(logra, bench.train, sample_labels=True, stats=stats)
     queries = pass_gradients(logra, bench.queries, query=True)
     t1 = time.time()
-    if full:  # no (D_l x D_l) second moments at full width: EK-FAC eigenvalues by a pass over gradients
+    if from_gradients:  # EK-FAC eigenvalues by a pass over the gradients, equal to fit(stats, "ekfac")
         curvature = Curvature.fit_ekfac_from_gradients(stats, fisher_grads.split(64))
     else:
         curvature = Curvature.fit(stats, cfg.curvature.kind)
@@ -375,7 +408,7 @@ def dataworth_scores(model, task, bench, cfg: Config, seed: int) -> tuple[torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", nargs="*", default=["A", "B"], choices=sorted(BENCHES))
+    parser.add_argument("--bench", nargs="*", default=["A", "B", "C"], choices=sorted(BENCHES))
     parser.add_argument(
         "--configs",
         nargs="*",
