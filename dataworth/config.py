@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from dataworth.errors import ConfigError
 
 PROJECTION_INITS = ("random", "pca", "identity")
+SHARED_WEIGHTS = ("refuse", "module_use")
 CURVATURES = ("identity", "raw", "kfac", "ekfac")
 FISHERS = ("empirical", "sampled")
 DAMPING_MODES = ("relative", "absolute")
@@ -24,10 +25,15 @@ class ProjectionConfig:
     exclude: tuple[str, ...] = ()  # glob patterns of layer names to skip
     embeddings: bool = False  # also track nn.Embedding layers (sparse one-hot inputs)
     bias: bool = False  # append a column of ones to the input so the bias gradient is logged
+    # a weight held by several modules (a tied lm_head): "refuse" (its gradient sums every use, and one module
+    # sees only its own), or "module_use": each tracked module's own use of it, exactly (what Kronfluence tracks)
+    shared_weights: str = "refuse"
 
     def __post_init__(self):
         if self.init not in PROJECTION_INITS:
             raise ConfigError(f"projection init {self.init!r} is not one of {PROJECTION_INITS}")
+        if self.shared_weights not in SHARED_WEIGHTS:
+            raise ConfigError(f"projection shared_weights {self.shared_weights!r} is not one of {SHARED_WEIGHTS}")
         for name, value in [("rank_in", self.rank_in), ("rank_out", self.rank_out)]:
             if value < 1:
                 raise ConfigError(f"projection {name}={value} must be a positive integer")

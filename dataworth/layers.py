@@ -73,10 +73,12 @@ def find_layers(
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = (),
     embeddings: bool = False,
+    shared_weights: str = "refuse",
 ) -> dict[str, LayerSpec]:
     """Supported layers of `model` in module order, filtered by glob patterns on their names.
 
-    Embeddings are tracked only when `embeddings=True` (their input width is the vocabulary).
+    Embeddings are tracked only when `embeddings=True` (their input width is the vocabulary). A layer whose
+    weight another module also holds is refused unless `shared_weights="module_use"` (its own use is captured).
     """
     found = {}
     for name, module in model.named_modules():
@@ -85,13 +87,14 @@ def find_layers(
             continue
         if _matches(name, include) and not _matches(name, exclude):
             found[name] = spec
-    tied = tied_layers(model)
+    tied = tied_layers(model) if shared_weights == "refuse" else {}
     for name in found:
         if others := tied.get(name):  # e.g. lm_head tied to the input embedding: the gradient sums both uses
             raise ConfigError(
                 f"layer {name!r} shares its weight with {others} (tied weights, e.g. tied input/output "
                 "embeddings): its gradient is the sum over every use of that weight, and the engine captures "
-                f"one module's use only, so it would be inexact; exclude it (exclude=({name!r},)) or untie the weights"
+                f"one module's use only, so it would be inexact; exclude it (exclude=({name!r},)), untie the weights, "
+                "or capture this module's use only (shared_weights='module_use')"
             )
     if not found:
         raise ConfigError(

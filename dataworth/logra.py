@@ -41,7 +41,7 @@ class LoGra:
         self.model, self.task, self.batch_size = model, task, batch_size
         if projection is None:
             config = config or ProjectionConfig()
-            layers = find_layers(model, config.include, config.exclude, config.embeddings)
+            layers = find_layers(model, config.include, config.exclude, config.embeddings, config.shared_weights)
             covariances = None
             if config.init == "pca":
                 covariances = input_output_covariances(

@@ -34,9 +34,9 @@ def examples_of(sequences: pl.DataFrame) -> list[list[int]]:
 
 def pipeline_projection_config(config: ProjectionConfig, model: nn.Module, adapter: bool) -> ProjectionConfig:
     """The projection the pipeline makes for `model`. Without an adapter: `[projection]` as set, except that a
-    layer whose weight is tied to another module (lm_head and the input embedding) is not tracked (the engine
-    captures one use of a weight only) and a rank wider than its layer is cut to the layer's width, each
-    recorded as an exact `exclude` / `ranks` entry. With a LoRA adapter: only its lora_A / lora_B layers, at
+    rank wider than its layer is cut to the layer's width and, with shared_weights = "refuse", a layer whose
+    weight is tied to another module (lm_head and the input embedding) is not tracked, each recorded as an
+    exact `ranks` / `exclude` entry. With a LoRA adapter: only its lora_A / lora_B layers, at
     rank_in / rank_out clipped to the adapter rank r (`ranks`, `include` and `exclude` name base layers,
     which are then never tracked); seed, init and bias are kept."""
     if adapter:
@@ -44,19 +44,24 @@ def pipeline_projection_config(config: ProjectionConfig, model: nn.Module, adapt
             model, config.rank_in, config.rank_out, seed=config.seed, init=config.init, bias=config.bias
         )
     modules = dict(model.named_modules())
-    tied = [
-        name
-        for name in tied_layers(model)
-        if (spec := layer_spec(name, modules[name])) is not None
-        and (spec.kind != "embedding" or config.embeddings)
-        and any(fnmatchcase(name, p) for p in config.include)
-        and not any(fnmatchcase(name, p) for p in config.exclude)
-    ]
+    tied = (
+        []
+        if config.shared_weights == "module_use"
+        else [
+            name
+            for name in tied_layers(model)
+            if (spec := layer_spec(name, modules[name])) is not None
+            and (spec.kind != "embedding" or config.embeddings)
+            and any(fnmatchcase(name, p) for p in config.include)
+            and not any(fnmatchcase(name, p) for p in config.exclude)
+        ]
+    )
     config = replace(config, exclude=(*config.exclude, *tied))
     if config.init == "identity":
         return config
     clipped = {}
-    for name, spec in find_layers(model, config.include, config.exclude, config.embeddings).items():
+    layers = find_layers(model, config.include, config.exclude, config.embeddings, config.shared_weights)
+    for name, spec in layers.items():
         k_in, k_out = requested_ranks(name, config)
         n_in = input_width(spec, config)
         if k_in > n_in or k_out > spec.n_out:

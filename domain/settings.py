@@ -15,7 +15,15 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
-from dataworth.config import CURVATURES, DAMPING_MODES, FISHERS, PROJECTION_INITS, CurvatureConfig, ProjectionConfig
+from dataworth.config import (
+    CURVATURES,
+    DAMPING_MODES,
+    FISHERS,
+    PROJECTION_INITS,
+    SHARED_WEIGHTS,
+    CurvatureConfig,
+    ProjectionConfig,
+)
 from dataworth.errors import ConfigError
 from dataworth.scoring import NORMALIZATIONS
 from resources.state import PROJECT_ROOT, dataworth_home
@@ -92,9 +100,14 @@ class Settings:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     shards: ShardSettings = field(default_factory=ShardSettings)
-    projection: ProjectionConfig = field(  # rank 32: +0.07 LDS over 16; lm_head's vocabulary side at rank
-        default_factory=lambda: ProjectionConfig(rank_in=32, rank_out=32, ranks={"lm_head": (16, 1024)})
-    )  # 1024: 1.0-1.15x Kronfluence's full-gradient EK-FAC on three benchmarks (benchmarks/RESULTS.md)
+    # rank 32: +0.07 LDS over 16; lm_head's vocabulary side at rank 1024: 1.02-1.08x Kronfluence's full-gradient
+    # EK-FAC on three benchmarks (benchmarks/RESULTS.md); a tied lm_head is valued through its output use, as
+    # Kronfluence does
+    projection: ProjectionConfig = field(
+        default_factory=lambda: ProjectionConfig(
+            rank_in=32, rank_out=32, ranks={"lm_head": (16, 1024)}, shared_weights="module_use"
+        )
+    )
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     capture_batch_size: int = 16
     queries: QuerySettings = field(default_factory=QuerySettings)
@@ -200,6 +213,7 @@ RULES: dict[str, tuple] = {  # "section.key" -> (minimum, exclusive minimum) or 
     "projection.rank_in": _AT_LEAST_1,
     "projection.rank_out": _AT_LEAST_1,
     "projection.init": PROJECTION_INITS,
+    "projection.shared_weights": SHARED_WEIGHTS,
     "projection.seed": (0, None),
     "curvature.kind": CURVATURES,
     "curvature.fisher": FISHERS,

@@ -139,6 +139,20 @@ def test_tied_model_without_its_head_captures_exactly():
     torch.testing.assert_close(logra.capture(seqs).double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_tied_head_module_use_is_exactly_the_output_use_of_the_weight():
+    """shared_weights="module_use" captures lm_head's own use of the tied weight: equal to the gradient of an
+    untied copy's lm_head (the input embedding's use is not in it), as Kronfluence tracks it."""
+    tied = build("llama", tie_word_embeddings=True)
+    untied = build("llama", tie_word_embeddings=True)
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    seqs = sequences(lengths=(6, 10, 5))
+    config = ProjectionConfig(rank_in=4, rank_out=3, shared_weights="module_use")
+    logra = LoGra(tied, CausalLMTask(pad_token_id=0), config, batch_size=3)
+    assert "lm_head" in logra.projection.layers
+    expected = explicit_projection(logra.projection, brute_force(untied, seqs, logra.projection.layers, bias=False))
+    torch.testing.assert_close(logra.capture(seqs).double(), expected, rtol=1e-4, atol=1e-5)
+
+
 class WeightOutsideForward(nn.Module):
     """A toy LM whose output layer is an nn.Linear whose weight is applied with F.linear, as a fused
     kernel would: the module's own forward never runs."""

@@ -1,10 +1,12 @@
 """The projection the pipeline makes for a model, and the curvature it fits from stored gradients.
 
-The default `[projection]` tracks lm_head with its vocabulary side at rank 1024 (benchmarks/RESULTS.md):
-a tied lm_head is left out (the engine captures one use of a weight only), a rank wider than its layer is
-cut to the width, and the EK-FAC eigenvalues of the empirical Fisher come from one pass over the stored
+The default `[projection]` tracks lm_head with its vocabulary side at rank 1024 (benchmarks/RESULTS.md),
+a tied lm_head through its own (output) use, or left out with shared_weights = "refuse"; a rank wider than
+its layer is cut to the width, and the EK-FAC eigenvalues of the empirical Fisher come from one pass over the stored
 gradients instead of per-shard (D_l x D_l) second moments.
 """
+
+from dataclasses import replace
 
 import polars as pl
 import pytest
@@ -24,15 +26,18 @@ def blocks(config: ProjectionConfig, model) -> dict[str, tuple[int, int]]:
     return {b.name: (b.k_in, b.k_out) for b in projection.layout.blocks}
 
 
-def test_a_tied_head_is_left_out_and_an_untied_one_tracked_at_ranks_cut_to_its_widths():
+def test_a_tied_head_is_tracked_through_its_output_use_or_left_out_and_ranks_are_cut_to_the_widths():
     default = Settings().projection
-    assert default.ranks == {"lm_head": (16, 1024)} and default.exclude == ()
+    assert default.ranks == {"lm_head": (16, 1024)} and default.exclude == () and default.shared_weights == "module_use"
 
     tied = build("llama", tie_word_embeddings=True)
-    with pytest.raises(ConfigError, match="shares its weight"):  # the engine alone refuses it
-        LoGra(tied, CausalLMTask(pad_token_id=0), default)
     config = pipeline_projection_config(default, tied, adapter=False)
-    assert config.exclude == ("lm_head",)
+    assert config.exclude == () and blocks(config, tied)["lm_head"] == (16, VOCAB)  # its output use, cut to 64
+    exact = replace(default, shared_weights="refuse")
+    with pytest.raises(ConfigError, match="shares its weight"):  # the engine alone refuses it
+        LoGra(tied, CausalLMTask(pad_token_id=0), exact)
+    config = pipeline_projection_config(exact, tied, adapter=False)
+    assert config.exclude == ("lm_head",)  # the embedding is tied too, but embeddings are not tracked
     assert "lm_head" not in blocks(config, tied) and len(blocks(config, tied)) == 14  # 7 Linear per layer
 
     untied = build("llama")  # hidden 16, MLP 24, vocabulary 64: every rank of 32 or 1024 is cut
