@@ -106,13 +106,7 @@ def main() -> None:
     train_providers = torch.tensor([code[p] for p in seqs["provider_id"].to_list()])
     train_fn = None
     if args.ground_truth == "scratch":
-        shape = TinyGPT2Config(
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            n_embd=m.n_embd,
-            n_positions=m.n_positions,
-            tie_embeddings=m.tie_embeddings,
-        )
+        shape = TinyGPT2Config.of(m)
 
         def train_fn(examples, seed: int):
             """The embedded model's training, from its seeded random init, on `examples`: the same epochs as

@@ -52,13 +52,7 @@ def main() -> None:
     code = {p: i for i, p in enumerate(providers)}
     train = [list(ids) for ids in seqs["input_ids"].to_list()]
     groups = torch.tensor([code[p] for p in seqs["provider_id"].to_list()])
-    shape = TinyGPT2Config(
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        n_embd=m.n_embd,
-        n_positions=m.n_positions,
-        tie_embeddings=m.tie_embeddings,
-    )
+    shape = TinyGPT2Config.of(m)
     model = train_tiny_gpt2(
         train, tokenizer, shape, steps=m.train_steps, batch_size=m.train_batch_size, lr=m.learning_rate, seed=0
     )

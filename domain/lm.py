@@ -106,6 +106,11 @@ class TinyGPT2Config:
     dropout: float = 0.0
     tie_embeddings: bool = True  # lm_head shares the input embedding's weight (GPT-2's default)
 
+    @classmethod
+    def of(cls, m: ModelSettings) -> TinyGPT2Config:
+        """The shape the `[model]` settings give the embedded GPT-2."""
+        return cls(m.n_layer, m.n_head, m.n_embd, m.n_positions, tie_embeddings=m.tie_embeddings)
+
     def to_hf(self, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
         """The transformers ``GPT2Config`` for this size and ``tokenizer``."""
         eos = tokenizer.eos_token_id
@@ -178,13 +183,10 @@ def train_embedded_model(corpus: pl.DataFrame, m: ModelSettings, on_step: Callab
     shape trained on the corpus documents (doc_id, provider_id, batch_id, text), cut at n_positions."""
     tokenizer = train_tokenizer(corpus["text"].to_list(), vocab_size=m.vocab_size)
     sequences = tokenize_corpus(corpus, tokenizer, m.n_positions)["input_ids"].to_list()
-    config = TinyGPT2Config(
-        n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, n_positions=m.n_positions, tie_embeddings=m.tie_embeddings
-    )
     model = train_tiny_gpt2(
         sequences,
         tokenizer,
-        config,
+        TinyGPT2Config.of(m),
         steps=m.train_steps,
         batch_size=m.train_batch_size,
         lr=m.learning_rate,
