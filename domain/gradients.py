@@ -1,7 +1,6 @@
 """Training gradients of one shard, and the curvature fitted from every shard's partial statistics."""
 
 from dataclasses import replace
-from fnmatch import fnmatchcase
 
 import polars as pl
 from torch import nn
@@ -18,7 +17,6 @@ from dataworth import (
     tied_layers,
 )
 from dataworth.adapters import lora_projection_config
-from dataworth.layers import layer_spec
 from dataworth.projection import input_width, requested_ranks
 from resources.codecs import binary_to_gradients, frame_to_tensors, gradients_to_binary, tensors_to_frame
 from resources.delta import DeltaStore
@@ -43,20 +41,10 @@ def pipeline_projection_config(config: ProjectionConfig, model: nn.Module, adapt
         return lora_projection_config(
             model, config.rank_in, config.rank_out, seed=config.seed, init=config.init, bias=config.bias
         )
-    modules = dict(model.named_modules())
-    tied = (
-        []
-        if config.shared_weights == "module_use"
-        else [
-            name
-            for name in tied_layers(model)
-            if (spec := layer_spec(name, modules[name])) is not None
-            and (spec.kind != "embedding" or config.embeddings)
-            and any(fnmatchcase(name, p) for p in config.include)
-            and not any(fnmatchcase(name, p) for p in config.exclude)
-        ]
-    )
-    config = replace(config, exclude=(*config.exclude, *tied))
+    if config.shared_weights == "refuse":  # leave tied layers out rather than fail
+        tied = tied_layers(model)
+        candidates = find_layers(model, config.include, config.exclude, config.embeddings, shared_weights="module_use")
+        config = replace(config, exclude=(*config.exclude, *(n for n in candidates if n in tied)))
     if config.init == "identity":
         return config
     clipped = {}
