@@ -92,7 +92,8 @@ def test_a_newcomer_sees_the_valuation_and_materializes_from_the_ui(tmp_path, mo
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(60_000)  # a busy 2-core machine: actions and assertions wait up to a minute
+            sync_api.expect.set_options(timeout=60_000)
             # Dagster greets a new instance with a community dialog: skip it whenever it shows
             page.add_locator_handler(
                 page.get_by_text("Join the Dagster community"), lambda: page.get_by_role("button", name="Skip").click()
