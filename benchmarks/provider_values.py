@@ -188,6 +188,12 @@ def main() -> None:
         ).to_dicts(),
         "seconds": seconds,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "arrays": {  # for analyses without retraining
+            "group_sums": arrays["group_sums"].tolist(),  # (P, Q) summed scores of each provider's rows
+            "measured": arrays["measured"].tolist(),  # (S, R, Q) rise of each query's loss, nats
+            "query_providers": query_providers.tolist(),  # (Q,) provider index of each query (-1: none)
+            "query_losses": losses.tolist(),  # (Q,) nats
+        },
     }
     print(json.dumps(report, indent=2))
     if args.output:

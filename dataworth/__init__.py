@@ -1,12 +1,13 @@
 """dataworth: LoGra influence functions for valuing the training data of language models.
 
 Pure PyTorch; no Dagster. See `dataworth.logra.LoGra` for the front door, `dataworth.adapters` for
-LoRA adapters and `dataworth.trainer` (imported on its own: it imports transformers) for valuation
-from a training loop.
+LoRA adapters, `dataworth.checkpointing` for long sequences and `dataworth.trainer` (imported on its
+own: it imports transformers) for valuation from a training loop.
 """
 
 from dataworth.adapters import lora_include, lora_layers, lora_projection_config
 from dataworth.capture import BatchCapture, GradientCapture
+from dataworth.checkpointing import checkpointed_blocks
 from dataworth.config import CurvatureConfig, ProjectionConfig
 from dataworth.curvature import Curvature, Preconditioner
 from dataworth.errors import ConfigError, DataworthError, MismatchError, NonFiniteError
@@ -38,6 +39,7 @@ __all__ = [
     "ProjectionConfig",
     "Task",
     "batches",
+    "checkpointed_blocks",
     "find_layers",
     "tied_layers",
     "lora_include",

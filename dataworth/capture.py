@@ -5,11 +5,13 @@ gradient is G_b = sum_t v_t u_t^T (k_out x k_in) = P_out dW_b P_in^T. The weight
 never formed. Occurrences of an embedding's padding_idx get v_t = 0: PyTorch gives that row no gradient.
 """
 
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from dataworth.checkpointing import checkpointed_blocks
 from dataworth.errors import ConfigError, NonFiniteError
 from dataworth.hooks import LayerHooks
 from dataworth.layers import LayerSpec, embedding_padding
@@ -66,10 +68,12 @@ def _check_no_lost_gradient(hooks: LayerHooks, loss: torch.Tensor, silent: list[
 
 
 class GradientCapture:
-    """Context manager: while open, `capture(batch)` returns projected per-example gradients."""
+    """Context manager: while open, `capture(batch)` returns projected per-example gradients; with
+    `checkpoint_blocks`, the model's blocks run under activation checkpointing (`checkpointed_blocks`)."""
 
-    def __init__(self, model: nn.Module, projection: Projection, task: Task):
+    def __init__(self, model: nn.Module, projection: Projection, task: Task, *, checkpoint_blocks: bool = False):
         self.model, self.projection, self.task = model, projection, task
+        self.checkpoint_blocks = checkpoint_blocks
         device = next(model.parameters()).device
         self.p_in = {n: p.to(device) for n, p in projection.p_in.items()}  # (k_in, n_in[+1])
         self.p_in_rows = {  # embeddings: (V, k_in), u_t is row ids_t
@@ -82,13 +86,18 @@ class GradientCapture:
         self.padding = embedding_padding(model, projection.layers)  # layer -> padding_idx
         self._inputs, self._grads, self._keep = {}, {}, {}
         self._hooks = LayerHooks(model, projection.layers, self._on_input, self._on_output_grad)
+        self._open = ExitStack()
 
     def __enter__(self) -> "GradientCapture":
-        self._hooks.__enter__()
+        with ExitStack() as stack:
+            if self.checkpoint_blocks:
+                stack.enter_context(checkpointed_blocks(self.model))
+            stack.enter_context(self._hooks)
+            self._open = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
+        self._open.close()
 
     def _on_input(self, name: str, x: torch.Tensor) -> None:
         if name in self.p_in_rows:
@@ -116,7 +125,7 @@ class GradientCapture:
                 else self.task.loss(self.model, batch, sample_labels=sample_labels)
             )
             if loss.requires_grad:  # False when no tracked layer ran: the check below names them
-                loss.backward()
+                self._hooks.backward(loss)
         inputs, grads = self._inputs, self._grads
         silent = [b.name for b in self.projection.layout.blocks if b.name not in inputs]
         if silent:  # the module never ran: its weight, if used at all, is used outside its forward
@@ -155,11 +164,12 @@ class GradientCapture:
 
 
 def input_output_covariances(
-    model: nn.Module, task: Task, layers: dict[str, LayerSpec], batches, *, bias: bool
+    model: nn.Module, task: Task, layers: dict[str, LayerSpec], batches, *, bias: bool, checkpoint_blocks: bool = False
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (E[x x^T] over its counted tokens (layer_masks), E[g g^T] per example) at full
-    width, float64. Feeds PCA initialisation. An embedding's input covariance is diagonal: its token
-    counts; occurrences of its padding_idx count neither there nor in E[g g^T] (they get no gradient).
+    width, float64. Feeds PCA initialisation; `checkpoint_blocks` as in `GradientCapture`. An embedding's
+    input covariance is diagonal: its token counts; occurrences of its padding_idx count neither there nor
+    in E[g g^T] (they get no gradient).
     """
     sums_in, sums_out, tokens, examples = {}, {}, {}, 0
     padding = embedding_padding(model, layers)
@@ -187,7 +197,8 @@ def input_output_covariances(
         sums_out[name] = sums_out.get(name, 0) + (rows.T @ rows).cpu()
         state["grads"].add(name)
 
-    with LayerHooks(model, layers, on_input, on_output_grad) as hooks:
+    checkpointing = checkpointed_blocks(model) if checkpoint_blocks else nullcontext()
+    with checkpointing, LayerHooks(model, layers, on_input, on_output_grad) as hooks:
         for batch in batches:
             hooks.new_pass()
             mask = task.token_mask(batch)
@@ -195,7 +206,7 @@ def input_output_covariances(
             with torch.enable_grad():
                 loss = task.loss(model, batch)
                 if loss.requires_grad:  # False when no tracked layer ran: named below
-                    loss.backward()
+                    hooks.backward(loss)
             _check_no_lost_gradient(hooks, loss, [n for n in hooks.nodes if n not in state["grads"]])
             examples += state["examples"]
     idle = [n for n in layers if n not in sums_in]

@@ -6,6 +6,8 @@ is read by `_Tap`, an identity autograd node spliced in place onto the layer's o
 ops (`nn.ReLU(inplace=True)`, `h += ...`) stack on top of it, so it still sees dL/d(output) as the
 layer produced it. An anchor leaf makes the output require grad when nothing upstream does (the
 first tracked layer). On exit the hooks are removed and every parameter's requires_grad is restored.
+A layer that runs again during `LayerHooks.backward` is an activation-checkpointing recomputation: its
+input was seen in the forward, and its output gradient reaches the forward's tap.
 """
 
 from collections.abc import Callable
@@ -52,6 +54,7 @@ class LayerHooks:
         self._handles = []
         self._requires_grad = {}
         self._calls = {}
+        self._recomputing = False  # inside `backward`: a layer's forward now is a checkpoint's recomputation
         self.nodes = {}  # layer -> its _Tap node in this pass (the graph vertex its gradient passes)
         self._anchors = {}  # device -> scalar leaf that makes a _Tap output require grad; never gets one
 
@@ -79,6 +82,14 @@ class LayerHooks:
         self._calls.clear()
         self.nodes.clear()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), ignoring the layers that checkpointing (non-reentrant) runs again meanwhile."""
+        self._recomputing = True
+        try:
+            loss.backward()
+        finally:
+            self._recomputing = False
+
     def in_graph(self, loss: torch.Tensor, names: list[str]) -> list[str]:
         """Those of `names` whose output is in the graph of `loss` (their gradient hook must have fired)."""
         wanted = {self.nodes[n]: n for n in names if n in self.nodes}
@@ -95,6 +106,8 @@ class LayerHooks:
 
     def _forward_hook(self, name: str, spec: LayerSpec):
         def hook(module, args, output):
+            if self._recomputing:
+                return self._recomputed(name, output)
             self._calls[name] = self._calls.get(name, 0) + 1
             if self._calls[name] > 1:
                 raise ConfigError(f"layer {name!r} ran twice in one forward pass (weight sharing); exclude it")
@@ -104,7 +117,25 @@ class LayerHooks:
             device = output.device
             if device not in self._anchors:
                 self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+            leaf = output.requires_grad and output.grad_fn is None  # e.g. Hugging Face's enable_input_require_grads
+            output = output.clone() if leaf else output  # a leaf that requires grad cannot be tapped in place
             _Tap.apply(output, self._anchors[device], lambda g: self.on_output_grad(name, _tokens_first(g, ids=False)))
             self.nodes[name] = output.grad_fn
+            return output if leaf else None
 
         return hook
+
+    def _recomputed(self, name: str, output: torch.Tensor) -> None:
+        """A tracked layer run again in backward. Non-reentrant checkpointing recomputes only to refill the
+        tensors the forward's graph saved, and that graph (with this layer's tap) is what backward walks; a
+        silent tap keeps the recomputed ops the same as the forward's, so they save the same tensors.
+        Reentrant checkpointing ran the forward without grad (no tap) and differentiates the recomputation
+        instead: refused, since its gradients would be read from a second graph."""
+        if name not in self.nodes:
+            raise ConfigError(
+                f"layer {name!r} ran without autograd in the forward and again in backward: reentrant activation "
+                "checkpointing (e.g. Hugging Face activation_checkpointing_enable with use_reentrant=True). Turn it "
+                "off, or use non-reentrant checkpointing (dataworth.checkpointing.checkpointed_blocks)"
+            )
+        if torch.is_grad_enabled():
+            _Tap.apply(output, self._anchors[output.device], lambda g: None)

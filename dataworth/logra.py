@@ -26,7 +26,8 @@ Progress = Callable[[int, int], None]  # (examples done, examples total)
 
 
 class LoGra:
-    """A model, its task and one projection; every pass it runs batches `batch_size` examples."""
+    """A model, its task and one projection; every pass it runs batches `batch_size` examples, with
+    `checkpoint_blocks` under activation checkpointing (long sequences: `dataworth.checkpointing`)."""
 
     def __init__(
         self,
@@ -37,15 +38,22 @@ class LoGra:
         projection: Projection | None = None,
         pca_examples: Sequence | None = None,
         batch_size: int = 8,
+        checkpoint_blocks: bool = False,
     ):
         self.model, self.task, self.batch_size = model, task, batch_size
+        self.checkpoint_blocks = checkpoint_blocks
         if projection is None:
             config = config or ProjectionConfig()
             layers = find_layers(model, config.include, config.exclude, config.embeddings, config.shared_weights)
             covariances = None
             if config.init == "pca":
                 covariances = input_output_covariances(
-                    model, task, layers, self._batches(pca_examples or []), bias=config.bias
+                    model,
+                    task,
+                    layers,
+                    self._batches(pca_examples or []),
+                    bias=config.bias,
+                    checkpoint_blocks=checkpoint_blocks,
                 )
             projection = Projection.create(config, layers, covariances)
         self.projection = projection
@@ -56,6 +64,9 @@ class LoGra:
 
     def _batches(self, examples: Sequence):
         return batches(self.task, examples, self.batch_size, self.device)
+
+    def _capture(self) -> GradientCapture:
+        return GradientCapture(self.model, self.projection, self.task, checkpoint_blocks=self.checkpoint_blocks)
 
     def new_statistics(self, *, second_moment: bool = True, dtype: torch.dtype = torch.float64) -> CurvatureStatistics:
         return CurvatureStatistics(self.projection.layout, second_moment=second_moment, dtype=dtype)
@@ -71,7 +82,7 @@ class LoGra:
         """(N, D) float32 projected gradients on CPU, in example order; with `statistics`, the
         same pass also accumulates empirical-Fisher curvature statistics into it."""
         rows, done = [], 0
-        with GradientCapture(self.model, self.projection, self.task) as capture:
+        with self._capture() as capture:
             for batch in self._batches(examples):
                 result = capture.capture(batch, query=query)
                 if statistics is not None:
@@ -87,7 +98,7 @@ class LoGra:
     ) -> CurvatureStatistics:
         """Curvature statistics alone; fisher="sampled" draws labels from the model (true Fisher)."""
         stats = self.new_statistics(second_moment=second_moment)
-        with GradientCapture(self.model, self.projection, self.task) as capture:
+        with self._capture() as capture:
             for batch in self._batches(examples):
                 stats.update(capture.capture(batch, sample_labels=fisher == "sampled"))
         return stats

@@ -371,6 +371,38 @@ def removal_agreement(predicted, measured, singles: int) -> dict[str, float]:
     }
 
 
+def split_half_agreement(measured: torch.Tensor) -> float:
+    """Spearman between the mean of the first and of the second half of the seeds of measured (S, R): how
+    far the ground truth repeats itself across seeds, the ceiling of any prediction's Spearman against half
+    of them (against all S seeds it is higher). nan with one seed."""
+    half = measured.shape[0] // 2
+    if half == 0:
+        return float("nan")
+    return spearman(measured[:half].mean(0), measured[half : 2 * half].mean(0))
+
+
+def within_group_agreement(
+    group_sums: torch.Tensor, measured: torch.Tensor, query_groups: torch.Tensor, training_rows: int
+) -> dict[str, float]:
+    """Mean over query groups (e.g. each provider's held-out documents) of the Spearman across providers of
+    the predicted and the measured single-provider removal effects on that group's queries, and of the
+    ground truth's `split_half_agreement` on them: does the valuation rank providers for each kind of query?
+    group_sums (P, Q); measured (S, R, Q) whose first P removals are each provider alone; query_groups (Q,)
+    int, -1 for none."""
+    n_providers = group_sums.shape[0]
+    agreements, ceilings = [], []
+    for group in query_groups[query_groups >= 0].unique().tolist():
+        in_group = query_groups == group
+        predicted = group_sums[:, in_group].double().mean(1) / training_rows  # (P,)
+        effects = measured[:, :n_providers][:, :, in_group].mean(2)  # (S, P)
+        agreements.append(spearman(predicted, effects.mean(0)))
+        ceilings.append(split_half_agreement(effects))
+    return {
+        "group_spearman": finite_mean(torch.tensor(agreements)),
+        "group_seed_agreement": finite_mean(torch.tensor(ceilings)),
+    }
+
+
 def provider_value_benchmark(
     predicted: torch.Tensor,
     measured: torch.Tensor,
@@ -382,8 +414,8 @@ def provider_value_benchmark(
 ) -> dict[str, float]:
     """Agreement of predicted (R,) and measured (S, R, Q) removal effects: `removal_agreement` on the mean
     over seeds and queries, each with a percentile bootstrap interval over queries (resampled, then the
-    mean taken again), and the seed-to-seed Spearman of the measured effects (how much of the ground truth
-    is removal effect rather than fine-tuning noise; nan with one seed)."""
+    mean taken again), and the `split_half_agreement` of the measured single-provider effects (how much of
+    the ground truth is removal effect rather than retraining noise; nan with one seed)."""
     measured = measured.double()
     point = removal_agreement(predicted, measured.mean((0, 2)), singles)
     generator = torch.Generator().manual_seed(seed)
@@ -399,8 +431,7 @@ def provider_value_benchmark(
         values = values[np.isfinite(values)]
         low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) if len(values) else (np.nan, np.nan)
         out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low), float(high)
-    per_seed = measured.mean(2)  # (S, R)
-    out["seed_agreement"] = spearman(per_seed[0], per_seed[1]) if measured.shape[0] > 1 else float("nan")
+    out["seed_agreement"] = split_half_agreement(measured[:, :singles].mean(2))
     out["removals"] = float(measured.shape[1])
     out["seeds"] = float(measured.shape[0])
     return out
@@ -425,8 +456,9 @@ def evaluate_provider_values(
     measured) against leave-provider-out retraining: `train_fn(examples, seed)` retrains the way the model was
     made (from its fixed base); without it, `model` itself is fine-tuned with `config`, a proxy whose removal
     effects are those of one more pass over the data. Returns `provider_value_benchmark` metrics, plus
-    provider-id top-1 accuracy when each query has a provider (query_providers (Q,), -1 for none), and the
-    arrays: group_sums (P, Q), removals (R, P) bool, predicted (R,), measured (S, R, Q)."""
+    provider-id top-1 accuracy and `within_group_agreement` when queries have a provider (query_providers
+    (Q,), -1 for none), and the arrays: group_sums (P, Q), removals (R, P) bool, predicted (R,), measured
+    (S, R, Q)."""
     n_providers = int(train_providers.max()) + 1
     gradients = capture(model, task, train, queries, projection, fishers=(curvature.fisher,))
     sums = group_sums(score_matrix(gradients, curvature, normalize), train_providers, n_providers)
@@ -446,6 +478,7 @@ def evaluate_provider_values(
     if query_providers is not None and (query_providers >= 0).any():
         labelled = query_providers >= 0
         metrics["provider_acc"] = provider_accuracy(sums[:, labelled], query_providers[labelled])
+        metrics.update(within_group_agreement(sums, measured, query_providers, len(train)))
     mask = torch.zeros(len(removals), n_providers, dtype=torch.bool)
     for row, removed in zip(mask, removals):
         row[list(removed)] = True

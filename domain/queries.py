@@ -128,7 +128,13 @@ def query_rows(model, tokenizer, projection: Projection, settings: Settings, pro
     completions = completions_of(model, tokenizer, settings, prompts)
     examples = encode_queries(tokenizer, texts, completions)
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
-    logra = LoGra(model, task, projection=projection, batch_size=settings.capture_batch_size)
+    logra = LoGra(
+        model,
+        task,
+        projection=projection,
+        batch_size=settings.capture_batch_size,
+        checkpoint_blocks=settings.checkpoint_blocks,
+    )
     gradients = logra.capture(examples, query=True)  # (Q, D)
     return pl.DataFrame(
         {

@@ -100,7 +100,7 @@ class Settings:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     shards: ShardSettings = field(default_factory=ShardSettings)
-    # rank 32: +0.07 LDS over 16; lm_head's vocabulary side at rank 1024: 1.02-1.08x Kronfluence's full-gradient
+    # rank 32: +0.07 LDS over 16; lm_head's vocabulary side at rank 1024: 1.02-1.10x Kronfluence's full-gradient
     # EK-FAC on three benchmarks (benchmarks/RESULTS.md); a tied lm_head is valued through its output use, as
     # Kronfluence does
     projection: ProjectionConfig = field(
@@ -110,6 +110,7 @@ class Settings:
     )
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     capture_batch_size: int = 16
+    checkpoint_blocks: bool = False  # capture under activation checkpointing: memory only, same gradients
     queries: QuerySettings = field(default_factory=QuerySettings)
     scores: ScoreSettings = field(default_factory=ScoreSettings)
     automation: AutomationSettings = field(default_factory=AutomationSettings)

@@ -35,10 +35,10 @@ def materialized_setup(tmp_path: Path, monkeypatch, long_document: bool = False)
 
 
 def changed(settings: Settings, **sections: dict) -> Settings:
-    """`settings` with some keys of some sections changed, validated like a settings file."""
+    """`settings` with some keys of some sections (or top-level values) changed, validated like a settings file."""
     data = settings.to_dict()
     for section, values in sections.items():
-        data[section] = {**data[section], **values}
+        data[section] = {**data[section], **values} if isinstance(values, dict) else values
     return Settings.from_dict(data)
 
 

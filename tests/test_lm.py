@@ -20,11 +20,13 @@ from domain.lm import (
     QueryTooLongError,
     TinyGPT2Config,
     checkpoint_hash,
+    epoch_order,
     generate_completions,
     load_checkpoint,
     save_checkpoint,
     train_tiny_gpt2,
     train_tokenizer,
+    warmup_stable_decay,
 )
 
 WORDS = ["the", "quick", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "home", "at", "night"]
@@ -85,6 +87,26 @@ def test_same_seed_gives_identical_weights(trained, tokenizer, sequences):
     assert all(torch.equal(reference[name], tensor) for name, tensor in again.state_dict().items())
     name = "transformer.h.0.mlp.c_fc.weight"
     assert not torch.equal(reference[name], other.state_dict()[name])
+
+
+def test_learning_rate_warms_up_holds_then_decays_to_zero():
+    factors = [warmup_stable_decay(step, steps=100) for step in range(100)]
+    assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # 5 warm-up steps
+    assert set(factors[5:80]) == {1.0}
+    assert factors[80:] == pytest.approx([(100 - step) / 20 for step in range(80, 100)])  # last 20%, linear
+    assert factors[-1] == 0.05 and all(a >= b for a, b in zip(factors[4:], factors[5:]))
+
+
+def test_epoch_order_is_seeded_and_unchanged_for_the_remaining_rows_when_rows_are_removed(sequences):
+    order = epoch_order(sequences, seed=0, epoch=0)
+    assert sorted(order) == list(range(len(sequences)))
+    assert order == epoch_order(sequences, seed=0, epoch=0)
+    assert order != epoch_order(sequences, seed=0, epoch=1) != epoch_order(sequences, seed=1, epoch=0)
+
+    removed = set(range(0, len(sequences), 3))
+    kept = [i for i in range(len(sequences)) if i not in removed]
+    order_without = epoch_order([sequences[i] for i in kept], seed=0, epoch=0)
+    assert [kept[i] for i in order_without] == [i for i in order if i not in removed]
 
 
 def test_save_load_round_trip(trained, tokenizer, checkpoint, tmp_path):

@@ -16,7 +16,7 @@ from dataworth import CausalLMTask, ConfigError, Curvature, LoGra, ProjectionCon
 from domain.artifacts import load_model, load_projection
 from domain.gradients import capture_shard, examples_of, pipeline_projection_config
 from domain.settings import Settings
-from resources.codecs import frame_to_tensors
+from resources.codecs import binary_to_gradients, frame_to_tensors
 from tests.pipeline_harness import TINY_SETTINGS, make_tiny_setup
 from tests.test_engine_architectures import VOCAB, build
 
@@ -76,6 +76,7 @@ def test_sampled_fisher_refuses_a_layer_whose_second_moment_would_not_fit(monkey
 
 def test_pipeline_tracks_the_untied_head_and_fits_ekfac_from_the_stored_gradients(tmp_path, monkeypatch):
     settings = TINY_SETTINGS.replace('exclude = ["lm_head"]\n', "")  # the default: lm_head tracked, untied
+    settings = "checkpoint_blocks = true\n" + settings  # capture under activation checkpointing: same gradients
     setup = make_tiny_setup(tmp_path, monkeypatch, settings)
     setup.stage()
     assert all(r.success for r in setup.run_stale())
@@ -89,7 +90,15 @@ def test_pipeline_tracks_the_untied_head_and_fits_ekfac_from_the_stored_gradient
     sequences = delta.read("token_shards").sort("shard_id", "seq_index")
     logra = LoGra(model, CausalLMTask(pad_token_id=tokenizer.pad_token_id), projection=projection, batch_size=8)
     stats = logra.new_statistics(second_moment=True)
-    logra.capture(examples_of(sequences), statistics=stats)
+    gradients = logra.capture(examples_of(sequences), statistics=stats)
+    stored_rows = (
+        sequences.select("seq_id")
+        .with_row_index("order")
+        .join(delta.read("projected_gradients"), on="seq_id")
+        .sort("order")
+    )
+    assert stored_rows.height == sequences.height
+    torch.testing.assert_close(binary_to_gradients(stored_rows["gradient"]), gradients, rtol=1e-5, atol=1e-6)
     expected = Curvature.fit(stats, "ekfac")
     stored = Curvature.from_tensors("ekfac", projection.layout, frame_to_tensors(delta.read("hessian_factors")))
     for name, factors in expected.factors.items():

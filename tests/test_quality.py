@@ -125,6 +125,23 @@ def test_provider_value_benchmark_is_perfect_when_measured_equals_predicted():
     assert metrics["removals"] == 5 and metrics["seeds"] == 2
 
 
+def test_split_half_and_within_group_agreement():
+    measured = torch.tensor([[1.0, 2.0, 3.0], [1.1, 2.2, 2.9], [3.0, 2.0, 1.0], [2.9, 2.1, 1.2]])  # (S=4, R)
+    assert quality.split_half_agreement(measured) == pytest.approx(-1.0)  # seeds 0-1 vs 2-3 disagree
+    assert quality.split_half_agreement(measured[:2]) == pytest.approx(1.0)
+    assert math.isnan(quality.split_half_agreement(measured[:1]))
+
+    # 3 providers, 4 queries in 2 groups: group 0 ranks providers 0 < 1 < 2, group 1 the reverse
+    sums = torch.tensor([[1.0, 1.0, 9.0, 9.0], [2.0, 2.0, 5.0, 5.0], [3.0, 3.0, 1.0, 1.0]])  # (P, Q)
+    groups = torch.tensor([0, 0, 1, -1])
+    exact = (sums.double() / 10).T[None].expand(2, 4, 3).transpose(1, 2)  # (S=2, R=P, Q): measured = predicted
+    agreement = quality.within_group_agreement(sums, exact, groups, training_rows=10)
+    assert agreement == pytest.approx({"group_spearman": 1.0, "group_seed_agreement": 1.0})
+    flipped = exact.clone()
+    flipped[:, :, 2] = exact[:, :, 2].flip(1)  # group 1's measured ranking reversed
+    assert quality.within_group_agreement(sums, flipped, groups, 10)["group_spearman"] == pytest.approx(0.0)
+
+
 def test_tiny_end_to_end_provider_values_are_finite():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_layer=1, n_head=2, n_embd=16, n_positions=16)).eval()
@@ -145,3 +162,4 @@ def test_tiny_end_to_end_provider_values_are_finite():
     assert arrays["measured"].shape == (2, 4, 3) and arrays["group_sums"].shape == (3, 3)
     assert all(math.isfinite(metrics[k]) for k in ("spearman", "slope", "intercept", "sign_agreement"))
     assert 0 <= metrics["provider_acc"] <= 1 and metrics["train_sequences"] == 12
+    assert -1 <= metrics["group_spearman"] <= 1 and -1 <= metrics["group_seed_agreement"] <= 1

@@ -87,6 +87,8 @@ SETTINGS_CHANGES = {
     "corpus.docs_per_shard": ({"corpus": {"docs_per_shard": 5}}, set(), None),
     "corpus.seed_embedded_corpus": ({"corpus": {"seed_embedded_corpus": True}}, set(), None),
     "automation.revaluation_cron": ({"automation": {"revaluation_cron": "0 4 * * *"}}, set(), None),
+    "capture_batch_size": ({"capture_batch_size": 3}, set(), None),
+    "checkpoint_blocks": ({"checkpoint_blocks": True}, set(), None),
 }
 
 
