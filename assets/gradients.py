@@ -11,13 +11,14 @@ from assets.checks import schema_result, schema_spec
 from assets.metadata import commit_metadata, upstream_versions
 from assets.partitions import SINGLE_RUN, shard_partitions
 from assets.steps import step_tags
-from dataworth import CausalLMTask, LoGra
+from dataworth import CausalLMTask
 from domain.artifacts import load_model, load_projection, projections_dir, require_single
 from domain.gradients import (
     PCA_SEQUENCES,
     capture_shard,
     examples_of,
     fit_curvature,
+    pipeline_logra,
     pipeline_projection_config,
     stored_gradients,
 )
@@ -57,14 +58,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             pca_examples = examples_of(first.head(PCA_SEQUENCES))
         task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
         config = pipeline_projection_config(settings.projection, model, adapter=bool(model_row["adapter_path"]))
-        logra = LoGra(
-            model,
-            task,
-            config,
-            pca_examples=pca_examples,
-            batch_size=settings.capture_batch_size,
-            checkpoint_blocks=settings.checkpoint_blocks,
-        )
+        logra = pipeline_logra(model, task, settings, config=config, pca_examples=pca_examples)
         projection = logra.projection
         digest = projection.content_hash()
         path = projections_dir() / digest[:16]
@@ -125,13 +119,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         hashes = {"projection_hash": projection_row["projection_hash"], "model_hash": model_row["checkpoint_hash"]}
         upstream = upstream_versions(delta, "token_shards", "model_checkpoint", "gradient_projection")
         task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=settings.model.seed)
-        logra = LoGra(
-            model,
-            task,
-            projection=projection,
-            batch_size=settings.capture_batch_size,
-            checkpoint_blocks=settings.checkpoint_blocks,
-        )
+        logra = pipeline_logra(model, task, settings, projection=projection)
         total_tokens, total_rows, started = 0, 0, time.perf_counter()
         shard_keys = list(context.partition_keys)
         capture_progress = Progress(len(shard_keys), "shard")  # one estimate of time left across all shards

@@ -13,16 +13,30 @@ from dataworth import (
     LoGra,
     NonFiniteError,
     ProjectionConfig,
+    Task,
     find_layers,
     tied_layers,
 )
 from dataworth.adapters import lora_projection_config
 from dataworth.projection import input_width, requested_ranks
+from domain.settings import Settings
 from resources.codecs import binary_to_gradients, frame_to_tensors, gradients_to_binary, tensors_to_frame
 from resources.delta import DeltaStore
 
 PCA_SEQUENCES = 256  # sequences of the statistics pass that fits PCA projections
 SAMPLED_BLOCK_LIMIT = 4096  # widest layer whose (D_l x D_l) second moment a shard keeps: 128 MiB in float64
+
+
+def pipeline_logra(model: nn.Module, task: Task, settings: Settings, **projection) -> LoGra:
+    """LoGra with the settings' capture batch size and activation checkpointing; `projection` is either
+    config (+ pca_examples) or projection, as `LoGra` takes them."""
+    return LoGra(
+        model,
+        task,
+        **projection,
+        batch_size=settings.capture_batch_size,
+        checkpoint_blocks=settings.checkpoint_blocks,
+    )
 
 
 def examples_of(sequences: pl.DataFrame) -> list[list[int]]:

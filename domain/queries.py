@@ -16,8 +16,9 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from dataworth import CausalLMTask, LoGra, Projection
+from dataworth import CausalLMTask, Projection
 from dataworth.errors import DataworthError
+from domain.gradients import pipeline_logra
 from domain.lm import QueryTooLongError, context_length, generate_completions
 from domain.settings import Settings
 from resources.codecs import gradients_to_binary
@@ -128,13 +129,7 @@ def query_rows(model, tokenizer, projection: Projection, settings: Settings, pro
     completions = completions_of(model, tokenizer, settings, prompts)
     examples = encode_queries(tokenizer, texts, completions)
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
-    logra = LoGra(
-        model,
-        task,
-        projection=projection,
-        batch_size=settings.capture_batch_size,
-        checkpoint_blocks=settings.checkpoint_blocks,
-    )
+    logra = pipeline_logra(model, task, settings, projection=projection)
     gradients = logra.capture(examples, query=True)  # (Q, D)
     return pl.DataFrame(
         {
