@@ -185,8 +185,8 @@ def train_tiny_gpt2(
 
 def warmup_stable_decay(step: int, *, steps: int) -> float:
     """Learning-rate factor at `step` of `steps`: linear warm-up over the first 5%, constant 1, then
-    linear decay to 0 over the last 20% (on the embedded corpus a lower query loss than a constant rate
-    or a cosine at the same steps)."""
+    linear decay over the last 20% towards 0 (the last step gets 1 / that many steps; on the embedded
+    corpus a lower query loss than a constant rate or a cosine at the same steps)."""
     warmup, decay = max(1, steps // 20), max(1, steps // 5)
     if step < warmup:
         return (step + 1) / warmup
