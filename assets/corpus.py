@@ -17,7 +17,7 @@ from domain.sequences import number_sequences, split_documents, tokenize_corpus
 from domain.settings import Settings, operator_path
 from domain.staging import read_staged_shard
 from resources.delta import DeltaStore
-from resources.state import stored_path
+from resources.folders import publish
 from resources.tracking import MlflowTracker
 
 
@@ -91,8 +91,9 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         row = pl.DataFrame(
             {
                 "checkpoint_hash": [digest],
-                "path": [stored_path(path)],  # relative to the state folder when inside it
-                "adapter_path": [stored_path(adapter) if adapter else ""],
+                # relative to the state folder (absolute outside it), or the URI they were published to
+                "path": [publish(path, "models", path.name if source == "embedded" else digest[:16])],
+                "adapter_path": [publish(adapter, "adapters", digest[:16]) if adapter else ""],
                 "source": [source],
                 "model_type": [model.config.model_type],
                 "parameters": [sum(p.numel() for p in model.parameters())],

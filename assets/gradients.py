@@ -26,7 +26,7 @@ from domain.progress import Progress
 from domain.settings import Settings
 from resources.codecs import tensors_to_frame
 from resources.delta import DeltaStore
-from resources.state import stored_path
+from resources.folders import publish
 
 
 def peak_memory_mb() -> float:
@@ -69,7 +69,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         row = pl.DataFrame(
             {
                 "projection_hash": [digest],
-                "path": [stored_path(path)],  # relative to the state folder when inside it
+                "path": [publish(path, "projections", path.name)],  # relative to the state folder, or its URI
                 "config": [config.to_json()],
                 "dim": [projection.layout.dim],
                 "layers": [len(projection.layers)],

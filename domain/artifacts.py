@@ -1,7 +1,9 @@
 """The model checkpoint and projection a valuation uses, found through their Delta tables.
 
 Their rows store the folder's path relative to the state folder (`resources.state.stored_path`), so a
-moved state folder still reads; `latest_row` hands back the absolute path.
+moved state folder still reads, or, with `$DATAWORTH_MODELS_ROOT` on object storage, the URI the folder was
+published to (`resources.folders`); `latest_row` hands back an absolute local path (fetching a published
+folder once).
 
 `model_checkpoint` and `gradient_projection` keep one row per checkpoint / projection, replaced when it
 is materialized again (the newest row is current); the files live under `$DATAWORTH_HOME/models/<hash>`
@@ -19,7 +21,8 @@ import polars as pl
 from dataworth import MismatchError, Projection
 from domain.lm import load_checkpoint, model_files_hash, save_checkpoint
 from resources.delta import DeltaStore
-from resources.state import dataworth_home, models_dir, stored_path_to_local
+from resources.folders import local_folder
+from resources.state import dataworth_home, models_dir
 
 PATH_TABLES = ("model_checkpoint", "gradient_projection")  # their `path` is stored relative to the state folder
 PATH_COLUMNS = ("path", "adapter_path")  # stored with `stored_path`; "" (no adapter) stays ""
@@ -45,7 +48,7 @@ def store_checkpoint(model, tokenizer, run_id: str) -> tuple[Path, str]:
 
 def latest_row(delta: DeltaStore, table: str, version: int | None = None) -> dict:
     """The newest row of a one-row-per-materialization table (by `created_at`); the `path` of a checkpoint or
-    projection row comes back absolute (stored relative to the state folder, or absolute in older rows)."""
+    projection row comes back as a local absolute path (see `resources.folders.local_folder`)."""
     frame = delta.read(table, version=version)
     if frame.height == 0:
         raise LookupError(f"table {table!r} is empty; materialize the {table} asset first")
@@ -54,7 +57,7 @@ def latest_row(delta: DeltaStore, table: str, version: int | None = None) -> dic
         row.setdefault("adapter_path", "")  # rows written before adapters were recorded
     for column in PATH_COLUMNS:
         if table in PATH_TABLES and row.get(column):
-            row[column] = str(stored_path_to_local(row[column]))
+            row[column] = str(local_folder(row[column]))
     return row
 
 

@@ -2,7 +2,7 @@
 
 dataworth run            stage landing files (seeding the embedded corpus) and value what is stale
 dataworth ui             Dagster UI on the state folder's instance (localhost)
-dataworth mlflow-ui      MLflow UI on the state folder's store (localhost)
+dataworth mlflow-ui      MLflow UI on the tracking store: $MLFLOW_TRACKING_URI, else the state folder's (localhost)
 dataworth audit ID       lineage of a valuation (--json, --verify)
 """
 
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from resources.state import PROJECT_ROOT, dagster_home, dataworth_home, mlflow_dir
+from resources.state import PROJECT_ROOT, dagster_home, dataworth_home
 
 # Dagster waits 180 s by default for a code server to load the definitions; the first start on a busy
 # 2-core machine (cold imports of torch, transformers, mlflow) can take longer, and `dagster dev` then exits.
@@ -246,7 +246,9 @@ def _describe(process) -> str:
 
 
 def mlflow_ui(args) -> int:
-    store = f"sqlite:///{mlflow_dir() / 'mlflow.db'}"
+    from resources.tracking import MlflowTracker
+
+    store = MlflowTracker().resolved_tracking_uri()
     command = [tool("mlflow"), "ui", "--backend-store-uri", store, "--host", args.host, "--port", str(args.port)]
     return run_process_group(command)
 

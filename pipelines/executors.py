@@ -20,7 +20,14 @@ from domain.settings import DeploymentSettings
 EXECUTORS = ("multiprocess", "ray", "k8s")
 # the state variables passed on to every step (Ray job or pod) when set here; on Kubernetes DAGSTER_HOME is the
 # Helm chart's own and AWS_* come from the Secret
-STATE_ENV = ("DATAWORTH_HOME", "DATAWORTH_SETTINGS", "DATAWORTH_DELTA_ROOT", "DATAWORTH_ARTIFACT_ROOT")
+STATE_ENV = (
+    "DATAWORTH_HOME",
+    "DATAWORTH_SETTINGS",
+    "DATAWORTH_DELTA_ROOT",
+    "DATAWORTH_ARTIFACT_ROOT",
+    "DATAWORTH_MODELS_ROOT",
+    "MLFLOW_TRACKING_URI",
+)
 
 
 def step_env(*extra: str) -> list[str]:

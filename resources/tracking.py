@@ -1,7 +1,8 @@
 """MlflowTracker: experiment tracking through an explicit ``MlflowClient``, a Dagster resource.
 
 No mlflow global state is used (no ``mlflow.start_run``), so runs never leak between
-calls, threads or processes. The default store is ``sqlite:///<DATAWORTH_HOME>/mlflow/mlflow.db``;
+calls, threads or processes. The store is the resource's `tracking_uri`, else ``$MLFLOW_TRACKING_URI`` (a
+tracking server or database that a cluster's workers share), else ``sqlite:///<DATAWORTH_HOME>/mlflow/mlflow.db``;
 for any sqlite store the experiment's artifacts go to ``<folder of the db>/artifacts/<experiment>``,
 set explicitly so nothing lands in the working directory; with ``$DATAWORTH_ARTIFACT_ROOT`` (e.g.
 ``s3://bucket/prefix``, credentials from the ``AWS_*`` variables) a new experiment's artifacts go to
@@ -16,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from pydantic import Field
 from resources.state import artifact_location, mlflow_dir, resolve_inside
 
 SQLITE_PREFIX = "sqlite:///"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 MAX_PARAMS_PER_BATCH = 100  # mlflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
 # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view, where runs do not show.
@@ -77,7 +80,8 @@ class MlflowTracker(dg.ConfigurableResource):
     """Opens MLflow runs in one experiment of one tracking store."""
 
     tracking_uri: str = Field(
-        default="", description="MLflow tracking URI; empty means the state folder's sqlite store."
+        default="",
+        description="MLflow tracking URI; empty means $MLFLOW_TRACKING_URI, else the state folder's sqlite store.",
     )
     experiment: str = Field(default="dataworth", description="MLflow experiment that receives the runs.")
 
@@ -86,7 +90,8 @@ class MlflowTracker(dg.ConfigurableResource):
 
     def resolved_tracking_uri(self) -> str:
         """The tracking URI in use."""
-        return self.tracking_uri or f"{SQLITE_PREFIX}{mlflow_dir() / 'mlflow.db'}"
+        configured = self.tracking_uri or os.environ.get(TRACKING_URI_ENV, "").strip()
+        return configured or f"{SQLITE_PREFIX}{mlflow_dir() / 'mlflow.db'}"
 
     def _sqlite_path(self) -> Path | None:
         uri = self.resolved_tracking_uri()

@@ -254,11 +254,11 @@ def test_memory_setting_is_a_quantity_kubernetes_reads():
 def k8s_defs(tmp_path, monkeypatch):
     """The code location as the user deployment's pods build it: values.yaml's env, settings.k8s.toml."""
     pytest.importorskip("dagster_k8s", reason="dagster-k8s is not installed: pip install -e '.[k8s]'")
-    env = user_deployment()["env"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # commented out in values.yaml
+    for name, value in user_deployment()["env"].items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("DATAWORTH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DATAWORTH_SETTINGS", str(SETTINGS_FILE))
-    monkeypatch.setenv("DATAWORTH_DELTA_ROOT", env["DATAWORTH_DELTA_ROOT"])
-    monkeypatch.setenv("DATAWORTH_ARTIFACT_ROOT", env["DATAWORTH_ARTIFACT_ROOT"])
     from pipelines.definitions import build_definitions
 
     return build_definitions(Settings.load())
@@ -271,7 +271,7 @@ def test_the_job_has_the_k8s_executor_and_dagster_validates_its_config(k8s_defs)
     assert job.executor_def.name == "k8s"
     execution = dg.validate_run_config(job, {})["execution"]["k8s"]
     assert execution["env_secrets"] == ["dataworth-s3"]
-    assert set(execution["env_vars"]) == set(STATE_ENV)
+    assert set(execution["env_vars"]) == set(STATE_ENV) - {"MLFLOW_TRACKING_URI"}  # every one values.yaml sets
     assert execution["tag_concurrency_limits"] == [{"key": GPU_TAG, "limit": 1}]  # the GPU pool
     probe = dg.asset(name="probe")(lambda: None)
     broken = dg.Definitions(

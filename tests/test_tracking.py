@@ -67,7 +67,22 @@ def test_failed_block_marks_the_run_failed_and_no_run_leaks(tracker):
 
 def test_default_store_lives_in_dataworth_home(tmp_path, monkeypatch):
     monkeypatch.setenv("DATAWORTH_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert MlflowTracker().resolved_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+
+
+def test_a_shared_store_named_by_mlflow_tracking_uri_receives_the_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATAWORTH_HOME", str(tmp_path / "home"))
+    shared = tmp_path / "shared" / "mlflow.db"
+    shared.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{shared}")
+    tracker = MlflowTracker(experiment="shared")
+    with tracker.run("on-the-cluster", params={"rank": 32}, tags={"k": "v"}) as run:
+        run.log_metrics({"lds": 0.5})
+    assert tracker.get_run(run.run_id)["metrics"] == {"lds": 0.5}
+    assert shared.is_file() and not (tmp_path / "home" / "mlflow" / "mlflow.db").exists()
+    explicit = MlflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'own.db'}")  # the resource's own URI wins
+    assert explicit.resolved_tracking_uri() == f"sqlite:///{tmp_path / 'own.db'}"
 
 
 def _open_run(tracker: MlflowTracker, barrier) -> None:
