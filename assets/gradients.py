@@ -196,7 +196,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         require_single(partials, "fisher", settings.curvature.fisher, "gradient statistics")
         gradients = None  # the empirical Fisher's second moments: one pass over the stored gradients
         if settings.curvature.fisher == "empirical":
-            stored = stored_gradients(delta, shards, upstream["projected_gradients"])
+            stored = stored_gradients(delta, shards, upstream["projected_gradients"], settings.deployment.shard_readers)
             gradients = (block for _, _, block in stored)
         curvature, merged = fit_curvature(partials, projection.layout, settings.curvature.kind, gradients)
         frame = tensors_to_frame(  # identity curvature has no factors: zero rows

@@ -100,6 +100,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             normalize=scores.normalize,
             top_k=scores.top_k,
             block_rows=scores.block_rows,
+            readers=settings.deployment.shard_readers,
         )
         projection_row = latest_row(delta, "gradient_projection", versions["gradient_projection"])
         provenance = {

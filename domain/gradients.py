@@ -1,5 +1,7 @@
 """Training gradients of one shard, and the curvature fitted from every shard's partial statistics."""
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import polars as pl
@@ -104,14 +106,33 @@ def capture_shard(logra: LoGra, sequences: pl.DataFrame, fisher: str, hashes: di
     return rows, tensors_to_frame(stats.to_tensors(), shard_id=shard, fisher=fisher, **hashes)
 
 
-def stored_gradients(delta: DeltaStore, shards: list[str], version: int | None):
+def stored_gradients(delta: DeltaStore, shards: list[str], version: int | None, readers: int = 1):
     """(shard, seq_ids, (n, D) float32 gradients) of each of `shards` in projected_gradients at `version`:
-    shards in sorted order, rows by seq_id; one shard in memory at a time."""
-    for shard in sorted(shards):
+    shards in sorted order, rows by seq_id. With `readers` > 1 the next `readers` shards are read and
+    decoded in background threads while the caller uses the current one (reads from object storage
+    overlap with scoring); order and values are the same, and at most `readers` + 1 shards are in memory."""
+
+    def read(shard: str):
         part = delta.read(
             "projected_gradients", version=version, where={"shard_id": shard}, columns=["seq_id", "gradient"]
         ).sort("seq_id")
-        yield shard, part["seq_id"].to_list(), binary_to_gradients(part["gradient"])
+        return shard, part["seq_id"].to_list(), binary_to_gradients(part["gradient"])
+
+    ordered = sorted(shards)
+    if readers <= 1:
+        yield from map(read, ordered)
+        return
+    pool = ThreadPoolExecutor(readers, thread_name_prefix="shard-reader")
+    try:
+        ahead = deque(pool.submit(read, shard) for shard in ordered[:readers])
+        for shard in ordered[readers:]:
+            current = ahead.popleft().result()
+            ahead.append(pool.submit(read, shard))
+            yield current
+        while ahead:
+            yield ahead.popleft().result()
+    finally:  # also when the caller stops early: queued reads are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def fit_curvature(

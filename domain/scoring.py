@@ -54,8 +54,10 @@ def score_valuation(
     top_k: int,
     block_rows: int,
     query_ids: list[str] | None = None,
+    readers: int = 1,
 ) -> ScoredValuation:
-    """Score the training gradients of `shards` against the queries (all, or `query_ids`) at `versions`."""
+    """Score the training gradients of `shards` against the queries (all, or `query_ids`) at `versions`,
+    reading `readers` shards ahead (`stored_gradients`)."""
     projection, projection_row = load_projection(delta, version=versions["gradient_projection"])
     model_hash = projection_row["model_hash"]
     queries = delta.read("valuation_queries", version=versions["valuation_queries"]).sort("query_id")
@@ -94,7 +96,7 @@ def score_valuation(
 
     def blocks():
         offset = 0
-        for shard, seq_ids, gradients in stored_gradients(delta, shards, versions["projected_gradients"]):
+        for shard, seq_ids, gradients in stored_gradients(delta, shards, versions["projected_gradients"], readers):
             if seq_ids != rows["seq_id"][offset : offset + len(seq_ids)].to_list():
                 raise MismatchError(f"projected_gradients of shard {shard} changed while it was scored; score again")
             offset += len(seq_ids)

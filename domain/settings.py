@@ -93,6 +93,9 @@ class DeploymentSettings:
     k8s_secret: str = "dataworth-s3"  # k8s Secret whose keys every step pod gets as env vars (S3 credentials)
     k8s_namespace: str = ""  # namespace of the step pods; "" = the run launcher's (the Helm release's)
     k8s_image: str = ""  # image of the step pods; "" = the image of the user-code deployment
+    shard_readers: int = (
+        2  # gradient shards scoring and the EK-FAC pass read ahead in threads (that many more in memory)
+    )
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,7 @@ RULES: dict[str, tuple] = {  # "section.key" -> (minimum, exclusive minimum) or 
     "deployment.executor": ("multiprocess", "ray", "k8s"),
     "deployment.gpus_per_model_step": (0, None),
     "deployment.cpus_per_step": (0, None),
+    "deployment.shard_readers": _AT_LEAST_1,
 }
 K8S_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")  # "8Gi", "512Mi", "0.5"
 K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a Secret's or namespace's name (RFC 1123 label)

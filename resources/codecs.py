@@ -2,6 +2,7 @@
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import torch
 
 
@@ -15,8 +16,18 @@ def binary_to_gradients(column: pl.Series) -> torch.Tensor:
     """N float32 byte strings of equal length -> (N, D) float32 tensor."""
     if len(column) == 0:
         return torch.zeros(0, 0)
-    joined = b"".join(column.to_list())
-    return torch.from_numpy(np.frombuffer(joined, dtype="<f4").reshape(len(column), -1).copy())
+    array = column.to_arrow()  # one contiguous values buffer: decoded without a Python object per row
+    if array.type not in (pa.binary(), pa.large_binary()):  # e.g. a binary view
+        array = array.cast(pa.large_binary())
+    if array.null_count:
+        raise ValueError(f"{array.null_count} of {len(array)} gradient blobs are null; re-materialize them")
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64 if array.type == pa.large_binary() else np.int32)
+    offsets = offsets[array.offset : array.offset + len(array) + 1]
+    widths = np.diff(offsets)
+    if widths[0] % 4 or (widths != widths[0]).any():
+        raise ValueError(f"gradient blobs must all be D float32 values; found {sorted(set(widths.tolist()))[:5]} bytes")
+    values = np.frombuffer(array.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return torch.from_numpy(values.view("<f4").reshape(len(array), -1).copy())
 
 
 def tensors_to_frame(tensors: dict[str, torch.Tensor], **constant_columns: str) -> pl.DataFrame:
