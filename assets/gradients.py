@@ -131,11 +131,14 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                 if report := capture_progress.update(index + done / max(total, 1), label):
                     context.log.info(report)
 
-            rows, stats = capture_shard(logra, seqs, settings.curvature.fisher, hashes, progress)
+            rows, stats = capture_shard(
+                logra, seqs, settings.curvature.fisher, hashes, progress, settings.gradient_dtype
+            )
             meta = commit_metadata(context, upstream)
             for table, frame in [("projected_gradients_statistics", stats), ("projected_gradients", rows)]:
                 # statistics first: a shard counts as done (see stale_shards) once its gradients land
-                delta.replace_shard(table, shard, frame, metadata=meta)
+                # add_columns: a table written before `gradient_dtype` existed gains it (its rows read null = float32)
+                delta.replace_shard(table, shard, frame, add_columns=table == "projected_gradients", metadata=meta)
             tokens = int(seqs["n_tokens"].sum())
             # Dagster marks a ranged run's partitions done only when the step ends: say each one as it lands
             context.log_event(

@@ -22,7 +22,7 @@ from dataworth import (
 from dataworth.adapters import lora_projection_config
 from dataworth.projection import input_width, requested_ranks
 from domain.settings import Settings
-from resources.codecs import binary_to_gradients, frame_to_tensors, gradients_to_binary, tensors_to_frame
+from resources.codecs import frame_gradients, frame_to_tensors, gradients_to_binary, tensors_to_frame
 from resources.delta import DeltaStore
 
 PCA_SEQUENCES = 256  # sequences of the statistics pass that fits PCA projections
@@ -75,11 +75,19 @@ def pipeline_projection_config(config: ProjectionConfig, model: nn.Module, adapt
     return replace(config, ranks=clipped | {p: r for p, r in config.ranks.items() if p not in clipped})  # first match
 
 
-def capture_shard(logra: LoGra, sequences: pl.DataFrame, fisher: str, hashes: dict[str, str], progress=None):
+def capture_shard(
+    logra: LoGra,
+    sequences: pl.DataFrame,
+    fisher: str,
+    hashes: dict[str, str],
+    progress=None,
+    gradient_dtype: str = "float32",
+):
     """(projected_gradients rows, projected_gradients_statistics rows) of one shard's sequences.
 
     `sequences` are token_shards rows of one shard in seq_index order; `hashes` (projection_hash,
-    model_hash) is stamped on every row. Empirical statistics come from the same pass as the gradients and
+    model_hash) is stamped on every row; gradients are stored as `gradient_dtype` blobs (resources.codecs),
+    the statistics are taken before that rounding. Empirical statistics come from the same pass as the gradients and
     leave the (D_l x D_l) second moments to `fit_curvature`'s pass over the stored gradients; sampled ones
     need a second pass with labels drawn from the model, and keep their second moments.
     """
@@ -101,7 +109,9 @@ def capture_shard(logra: LoGra, sequences: pl.DataFrame, fisher: str, hashes: di
     if fisher == "sampled":
         stats = logra.statistics(examples, fisher="sampled")
     rows = sequences.select("shard_id", "seq_id", "doc_id", "provider_id", "n_tokens").with_columns(
-        gradient=gradients_to_binary(gradients), **{k: pl.lit(v) for k, v in hashes.items()}
+        gradient=gradients_to_binary(gradients, gradient_dtype),
+        gradient_dtype=pl.lit(gradient_dtype),
+        **{k: pl.lit(v) for k, v in hashes.items()},
     )
     return rows, tensors_to_frame(stats.to_tensors(), shard_id=shard, fisher=fisher, **hashes)
 
@@ -112,11 +122,9 @@ def stored_gradients(delta: DeltaStore, shards: list[str], version: int | None, 
     decoded in background threads while the caller uses the current one (reads from object storage
     overlap with scoring); order and values are the same, and at most `readers` + 1 shards are in memory."""
 
-    def read(shard: str):
-        part = delta.read(
-            "projected_gradients", version=version, where={"shard_id": shard}, columns=["seq_id", "gradient"]
-        ).sort("seq_id")
-        return shard, part["seq_id"].to_list(), binary_to_gradients(part["gradient"])
+    def read(shard: str):  # every column: `gradient_dtype` is absent from tables written before it existed
+        part = delta.read("projected_gradients", version=version, where={"shard_id": shard}).sort("seq_id")
+        return shard, part["seq_id"].to_list(), frame_gradients(part)
 
     ordered = sorted(shards)
     if readers <= 1:

@@ -26,6 +26,7 @@ from dataworth.config import (
 )
 from dataworth.errors import ConfigError
 from dataworth.scoring import NORMALIZATIONS
+from resources.codecs import GRADIENT_DTYPES
 from resources.state import PROJECT_ROOT, dataworth_home
 
 CODE_VERSION = "1"  # bump when an asset's code changes what it writes
@@ -114,6 +115,9 @@ class Settings:
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     capture_batch_size: int = 16
     checkpoint_blocks: bool = False  # capture under activation checkpointing: memory only, same gradients
+    # how projected_gradients stores each gradient: "float32", or "bfloat16" (half the bytes, 1.7e-3 relative score
+    # error; benchmarks/RESULTS_store.md) for stores at scale. New shards use it; it makes nothing stale.
+    gradient_dtype: str = "float32"
     queries: QuerySettings = field(default_factory=QuerySettings)
     scores: ScoreSettings = field(default_factory=ScoreSettings)
     automation: AutomationSettings = field(default_factory=AutomationSettings)
@@ -224,6 +228,7 @@ RULES: dict[str, tuple] = {  # "section.key" -> (minimum, exclusive minimum) or 
     "curvature.damping": (None, 0),
     "curvature.damping_mode": DAMPING_MODES,
     "capture_batch_size": _AT_LEAST_1,
+    "gradient_dtype": tuple(GRADIENT_DTYPES),
     "queries.max_new_tokens": _AT_LEAST_1,
     "queries.seed": (0, None),
     "scores.top_k": _AT_LEAST_1,

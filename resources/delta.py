@@ -325,6 +325,7 @@ class DeltaStore(dg.ConfigurableResource):
         mode: Literal["append", "overwrite"] = "append",
         partition_by: list[str] | None = None,
         replace_where: dict[str, str] | None = None,
+        add_columns: bool = False,
         metadata: dict[str, str],
     ) -> int:
         """Commit ``df`` to table ``name`` (created if missing); returns the new version.
@@ -337,8 +338,9 @@ class DeltaStore(dg.ConfigurableResource):
           included; it is then partitioned by ``partition_by`` (unpartitioned when None).
 
         Otherwise ``partition_by`` applies when the table is created; later writes must
-        name the same columns or None. ``metadata`` is the commit metadata
-        (see ``run_metadata``); secret-looking keys are dropped.
+        name the same columns or None. ``add_columns=True`` lets ``df`` bring columns the table
+        lacks (older rows read them as null); otherwise the frame must fit the table's schema.
+        ``metadata`` is the commit metadata (see ``run_metadata``); secret-looking keys are dropped.
         """
         if mode not in ("append", "overwrite"):
             raise ValueError(f"mode must be 'append' or 'overwrite', got {mode!r}")
@@ -353,7 +355,7 @@ class DeltaStore(dg.ConfigurableResource):
             "mode": mode,
             "partition_by": (partition_by or []) if whole_table else partition_by,
             "predicate": predicate,
-            "schema_mode": "overwrite" if whole_table else None,
+            "schema_mode": "overwrite" if whole_table else "merge" if add_columns else None,
             "commit_properties": CommitProperties(custom_metadata={**custom, WRITE_ID_KEY: write_id}),
         }
         attempt = 0
@@ -380,7 +382,9 @@ class DeltaStore(dg.ConfigurableResource):
         """Atomically replace the rows matching ``where`` (every row of ``df`` must match it) by ``df``."""
         return self.write(name, df, mode="overwrite", replace_where=where, metadata=metadata)
 
-    def replace_shard(self, name: str, shard_id: str, df: pl.DataFrame, *, metadata: dict[str, str]) -> int:
+    def replace_shard(
+        self, name: str, shard_id: str, df: pl.DataFrame, *, add_columns: bool = False, metadata: dict[str, str]
+    ) -> int:
         """Atomically replace shard ``shard_id`` of a table partitioned by ``shard_id`` (see ``write``)."""
         return self.write(
             name,
@@ -388,6 +392,7 @@ class DeltaStore(dg.ConfigurableResource):
             mode="overwrite",
             partition_by=["shard_id"],
             replace_where={"shard_id": shard_id},
+            add_columns=add_columns,
             metadata=metadata,
         )
 

@@ -2,9 +2,9 @@
 
 Each model is strict (exactly these columns, these dtypes, no nulls unless noted).
 Integers are Int64, floats Float64, timestamps microsecond UTC. Vectors are stored as
-little-endian binary blobs: float32 gradients (4 bytes per value, the same length in
-every row of a frame) and float64 statistics/factors whose byte length matches
-``shape``. ``validate(table, df)`` returns readable failures instead of raising.
+little-endian binary blobs: gradients of D float32 or bfloat16 values (`gradient_dtype`, the same
+length in every row of a frame with the same dtype) and float64 statistics/factors whose byte length
+matches ``shape``. ``validate(table, df)`` returns readable failures instead of raising.
 
 Contract choices the schema fixes (beyond the column list):
 - influence_scores: ``seq_id`` is null except for ``top_sequence`` rows, ``query_id`` is
@@ -15,11 +15,15 @@ Contract choices the schema fixes (beyond the column list):
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pandera.polars as pa
 import polars as pl
 from pandera import extensions
 from pandera.engines import polars_engine as pe
+
+from resources.codecs import GRADIENT_DTYPES
 
 NON_EMPTY = {"str_contains": r"\S"}
 SHA256 = {"str_matches": r"^[0-9a-f]{64}$"}
@@ -45,25 +49,34 @@ def float_blob(data: pa.PolarsData, *, itemsize: int) -> pl.LazyFrame:
 
 @extensions.register_check_method()
 def finite_blob(data: pa.PolarsData) -> pl.LazyFrame:
-    """A float32 (4-byte) or float64 (8-byte, with a `dtype` column) blob holds no NaN or Inf.
+    """A blob holds whole values and no NaN or Inf: float64 with a `dtype` column (statistics, factors),
+    else the row's `gradient_dtype` (float32 when absent or null, or bfloat16).
 
     Checked on the bytes: a float is non-finite exactly when all its exponent bits are set."""
-    column = data.lazyframe.select(data.key).collect().to_series()
-    wide = "dtype" in data.lazyframe.collect_schema().names()
-    results = []
-    for blob in column.to_list():
-        if wide:
-            values = np.frombuffer(blob, dtype="<f8") if len(blob) % 8 == 0 else np.array([np.nan])
-        else:
-            values = np.frombuffer(blob, dtype="<f4") if len(blob) % 4 == 0 else np.array([np.nan])
-        results.append(bool(np.isfinite(values).all()))
-    return pl.LazyFrame({data.key: results})
+    names = data.lazyframe.collect_schema().names()
+    frame = data.lazyframe.select(data.key, *[c for c in ("gradient_dtype",) if c in names]).collect()
+    if "dtype" in names:
+        dtypes = ["float64"] * frame.height
+    elif "gradient_dtype" in frame.columns:
+        dtypes = frame["gradient_dtype"].fill_null("float32").to_list()
+    else:
+        dtypes = ["float32"] * frame.height
+    return pl.LazyFrame({data.key: [_finite(b, d) for b, d in zip(frame[data.key].to_list(), dtypes)]})
+
+
+def _finite(blob: bytes, dtype: str) -> bool:
+    if dtype == "bfloat16":  # numpy has no bfloat16: test the exponent bits of each 2-byte word
+        return len(blob) % 2 == 0 and not ((np.frombuffer(blob, dtype="<u2") & 0x7F80) == 0x7F80).any()
+    width = {"float64": 8, "float32": 4}.get(dtype)
+    return width is not None and len(blob) % width == 0 and bool(np.isfinite(np.frombuffer(blob, f"<f{width}")).all())
 
 
 @extensions.register_check_method()
 def same_length(data: pa.PolarsData) -> pl.LazyFrame:
-    """Every binary value has the length of the first one (one projection dimension D)."""
+    """Every binary value has the length of the first one of its `gradient_dtype` (one projection dimension D)."""
     size = pl.col(data.key).bin.size()
+    if "gradient_dtype" in data.lazyframe.collect_schema().names():
+        return data.lazyframe.select(size == size.first().over(pl.col("gradient_dtype").fill_null("float32")))
     return data.lazyframe.select(size == size.first())
 
 
@@ -118,7 +131,9 @@ class ProjectedGradients(_Strict):
     doc_id: str = pa.Field(**NON_EMPTY)
     provider_id: str = pa.Field(**NON_EMPTY)
     n_tokens: pl.Int64 = pa.Field(ge=1)
-    gradient: pl.Binary = pa.Field(float_blob={"itemsize": 4}, same_length=(), finite_blob=())
+    gradient: pl.Binary = pa.Field(float_blob={"itemsize": 2}, same_length=(), finite_blob=())
+    # absent or null: float32 (tables and rows written before the column existed)
+    gradient_dtype: Optional[str] = pa.Field(isin=tuple(GRADIENT_DTYPES), nullable=True)  # noqa: UP045
     projection_hash: str = pa.Field(**SHA256)
     model_hash: str = pa.Field(**SHA256)
 

@@ -1,5 +1,6 @@
-"""Reading projected_gradients back: the blob codec on real Delta tables, and read-ahead shard readers that
-give exactly what one reader gives."""
+"""Reading projected_gradients back: the blob codec (float32 and bfloat16) on real Delta tables, a float32
+table that gains bfloat16 shards, the schema's per-dtype blob checks, and read-ahead shard readers that give
+exactly what one reader gives."""
 
 import threading
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from domain.gradients import stored_gradients
-from resources.codecs import binary_to_gradients, gradients_to_binary
+from resources.codecs import binary_to_gradients, frame_gradients, gradients_to_binary
 from resources.delta import DeltaStore, run_metadata
+from resources.schemas import validate
 
 META = run_metadata("run", "v1", {})
 
@@ -72,3 +74,64 @@ def test_a_reader_stopped_early_leaves_no_thread_behind(gradient_table):
     assert shard == "s-0000"
     reading.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("shard-reader")]
+
+
+def gradient_rows(shard: str, gradients: torch.Tensor, dtype: str | None) -> pl.DataFrame:
+    """projected_gradients rows as the capture writes them (`dtype` None: a row from before gradient_dtype)."""
+    n = gradients.shape[0]
+    frame = pl.DataFrame(
+        {
+            "shard_id": shard,
+            "seq_id": [f"{shard}-{i:03d}" for i in range(n)],
+            "doc_id": "d",
+            "provider_id": "p",
+            "n_tokens": pl.Series([4] * n, dtype=pl.Int64),
+            "gradient": gradients_to_binary(gradients, dtype or "float32"),
+        }
+    )
+    if dtype is not None:
+        frame = frame.with_columns(gradient_dtype=pl.lit(dtype))
+    return frame.with_columns(projection_hash=pl.lit("a" * 64), model_hash=pl.lit("b" * 64))
+
+
+def test_bfloat16_blobs_are_half_the_bytes_and_round_like_torch():
+    gradients = torch.randn(5, 8) * 1e3
+    column = gradients_to_binary(gradients, "bfloat16")
+    assert column.bin.size().to_list() == [16] * 5
+    assert torch.equal(binary_to_gradients(column, "bfloat16"), gradients.to(torch.bfloat16).float())
+
+
+def test_a_float32_table_gains_bfloat16_shards_and_reads_both(tmp_path):
+    store = DeltaStore(root=str(tmp_path / "delta"))
+    old, new = torch.randn(3, 8), torch.randn(4, 8)
+    shard_old, shard_new = "b-0000000000000000-0000", "b-0000000000000000-0001"
+    store.write("projected_gradients", gradient_rows(shard_old, old, None), partition_by=["shard_id"], metadata=META)
+    with pytest.raises(Exception, match="does not fit Delta table"):  # a new column needs add_columns
+        store.replace_shard("projected_gradients", shard_new, gradient_rows(shard_new, new, "bfloat16"), metadata=META)
+    store.replace_shard(
+        "projected_gradients", shard_new, gradient_rows(shard_new, new, "bfloat16"), add_columns=True, metadata=META
+    )
+    table = store.read("projected_gradients").sort("shard_id", "seq_id")
+    assert table["gradient_dtype"].to_list() == [None] * 3 + ["bfloat16"] * 4  # old rows: null = float32
+    expected = torch.cat([old, new.to(torch.bfloat16).float()])
+    assert torch.equal(frame_gradients(table), expected)
+    assert torch.equal(frame_gradients(table.reverse()), expected.flip(0))  # row order kept across dtypes
+    read = {shard: g for shard, _, g in stored_gradients(store, [shard_old, shard_new], None, readers=2)}
+    assert torch.equal(read[shard_old], old) and torch.equal(read[shard_new], new.to(torch.bfloat16).float())
+    assert validate("projected_gradients", table) == []
+    assert validate("projected_gradients", gradient_rows(shard_old, old, None)) == []  # a table without the column
+
+
+def test_the_schema_checks_blobs_by_their_dtype():
+    good = gradient_rows("b-0000000000000000-0000", torch.randn(3, 8), "bfloat16")
+    bad = torch.randn(3, 8)
+    bad[1, 2] = float("inf")
+    failures = validate("projected_gradients", gradient_rows("b-0000000000000000-0000", bad, "bfloat16"))
+    assert any("finite_blob" in f and "[1]" in f for f in failures), failures
+    short = good.with_columns(gradient=pl.Series([bytes(16), bytes(16), bytes(15)], dtype=pl.Binary))
+    assert any("same_length" in f for f in validate("projected_gradients", short))
+    unknown = good.with_columns(gradient_dtype=pl.lit("float16"))
+    assert any("gradient_dtype" in f for f in validate("projected_gradients", unknown))
+    # a float32 blob read as bfloat16 would not be whole values of another width: each row keeps its own width
+    mixed = pl.concat([good, gradient_rows("b-0000000000000000-0000", torch.randn(2, 8), "float32")])
+    assert validate("projected_gradients", mixed.with_columns(seq_id=pl.format("s{}", pl.int_range(5)))) == []

@@ -16,7 +16,7 @@ from dataworth import CausalLMTask, ConfigError, Curvature, LoGra, ProjectionCon
 from domain.artifacts import load_model, load_projection
 from domain.gradients import capture_shard, examples_of, pipeline_projection_config
 from domain.settings import Settings
-from resources.codecs import binary_to_gradients, frame_to_tensors
+from resources.codecs import binary_to_gradients, frame_gradients, frame_to_tensors
 from tests.pipeline_harness import TINY_SETTINGS, make_tiny_setup
 from tests.test_engine_architectures import VOCAB, build
 
@@ -110,3 +110,21 @@ def test_pipeline_tracks_the_untied_head_and_fits_ekfac_from_the_stored_gradient
         )
     statistics = delta.read("projected_gradients_statistics")
     assert not statistics.filter(statistics["name"].str.ends_with("|second_moment")).height
+
+
+def test_pipeline_stores_bfloat16_gradients_when_asked(tmp_path, monkeypatch):
+    setup = make_tiny_setup(tmp_path, monkeypatch, 'gradient_dtype = "bfloat16"\n' + TINY_SETTINGS)
+    setup.stage()
+    assert all(r.success for r in setup.run_stale())  # the blocking schema checks passed on bfloat16 blobs
+    delta = setup.delta
+    model, tokenizer, _ = load_model(delta)
+    projection, _ = load_projection(delta)
+    sequences = delta.read("token_shards").sort("shard_id", "seq_index")
+    logra = LoGra(model, CausalLMTask(pad_token_id=tokenizer.pad_token_id), projection=projection, batch_size=8)
+    gradients = logra.capture(examples_of(sequences))
+    stored = sequences.select("seq_id").join(delta.read("projected_gradients"), on="seq_id", maintain_order="left")
+    assert stored["gradient_dtype"].unique().to_list() == ["bfloat16"]
+    assert stored["gradient"].bin.size().unique().to_list() == [2 * projection.layout.dim]  # half of float32
+    # bfloat16 keeps 8 significant bits: within 2^-8 of the float32 capture, relative to each value
+    torch.testing.assert_close(frame_gradients(stored), gradients, rtol=2**-8, atol=1e-6 * gradients.abs().max())
+    assert delta.read("influence_scores").height > 0

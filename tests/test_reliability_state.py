@@ -89,6 +89,8 @@ SETTINGS_CHANGES = {
     "automation.revaluation_cron": ({"automation": {"revaluation_cron": "0 4 * * *"}}, set(), None),
     "capture_batch_size": ({"capture_batch_size": 3}, set(), None),
     "checkpoint_blocks": ({"checkpoint_blocks": True}, set(), None),
+    "gradient_dtype": ({"gradient_dtype": "bfloat16"}, set(), None),  # new shards use it; nothing is stale
+    "deployment.shard_readers": ({"deployment": {"shard_readers": 4}}, set(), None),
 }
 
 
