@@ -17,7 +17,7 @@ from domain.sequences import number_sequences, split_documents, tokenize_corpus
 from domain.settings import Settings, operator_path
 from domain.staging import read_staged_shard
 from resources.delta import DeltaStore
-from resources.folders import publish
+from resources.folders import models_location, publish
 from resources.tracking import MlflowTracker
 
 
@@ -60,6 +60,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         """The causal LM being valued: a local HF checkpoint, or a small GPT-2 trained on the corpus; with
         `[model] adapter_dir`, a LoRA adapter applied on it (only its factors are then valued)."""
         m = settings.model
+        models_location()  # a wrong $DATAWORTH_MODELS_ROOT fails now, not after training
         corpus_version = delta.version("training_corpus")
         mlflow_run_id = ""
         adapter = operator_path(m.adapter_dir, "[model] adapter_dir") if m.adapter_dir else None

@@ -35,6 +35,7 @@ from domain.settings import Settings  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ground_truth", type=Path, help="JSON written by provider_values.py --output")
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
     args = parser.parse_args()
     saved = json.loads(args.ground_truth.read_text())
     if (
@@ -64,21 +65,43 @@ def main() -> None:
     removals = [[code[p] for p in r["removed"]] for r in saved["removals"]]
     measured = np.array([r["measured"] for r in saved["removals"]])
 
+    own = torch.tensor([code.get(p.get("group"), -1) for p in prompts])  # the held-out documents' provider
+    rows = torch.bincount(groups, minlength=len(providers)).double()[:, None]
+
     def evaluate(name: str, valued: nn.Module, projection, curvature) -> None:
         gradients = quality.capture(valued, task, train, queries, projection, fishers=(curvature.fisher,))
-        sums = quality.group_sums(quality.score_matrix(gradients, curvature), groups, len(providers))
+        scores = quality.score_matrix(gradients, curvature)
+        sums = quality.group_sums(scores, groups, len(providers))
         predicted = quality.predicted_removal_effects(sums, removals, len(train)).numpy()
         agreement = quality.removal_agreement(predicted, measured, len(providers))
         cells = " | ".join(f"{agreement[k]:.3f}" for k in ("spearman", "slope", "intercept", "sign_agreement"))
-        print(f"| {name} | {cells} |", flush=True)
+        cosine = quality.group_sums(quality.score_matrix(gradients, curvature, "cosine"), groups, len(providers))
+        labelled = own >= 0
+        ids = [quality.provider_accuracy(m[:, labelled], own[labelled]) for m in (sums, sums / rows, cosine / rows)]
+        print(f"| {name} | {cells} | {' | '.join(f'{x:.2f}' for x in ids)} |", flush=True)
 
-    print("| valuation setting | Spearman (singles) | slope | intercept | sign agreement |")
-    print("|---|---|---|---|---|")
-    p, c = settings.projection, settings.curvature
-    evaluate("default (rank 32, lm_head 16 x 1024, damping 0.01 relative)", model, p, c)
-    evaluate("rank 64 (lm_head 16 x 1024)", model, replace(p, rank_in=64, rank_out=64), c)
-    evaluate("damping 0.001 relative", model, p, replace(c, damping=0.001))
-    evaluate("lm_head left out", model, replace(p, exclude=(*p.exclude, "lm_head")), c)
+    print(
+        "| valuation setting | Spearman (singles) | slope | intercept | sign agreement "
+        "| provider id. (sum) | id. (mean per row) | id. (mean cosine) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.configs:
+        label, projection, curvature = CONFIGS[name](settings.projection, settings.curvature)
+        evaluate(label, model, projection, curvature)
+
+
+# name -> (default projection, curvature) -> (row label, projection, curvature)
+CONFIGS = {
+    "default": lambda p, c: ("default (rank 32, lm_head 16 x 1024, damping 0.01 relative)", p, c),
+    "rank64": lambda p, c: ("rank 64 (lm_head 16 x 1024)", replace(p, rank_in=64, rank_out=64), c),
+    "damping": lambda p, c: ("damping 0.001 relative", p, replace(c, damping=0.001)),
+    "no_head": lambda p, c: ("lm_head left out", replace(p, exclude=(*p.exclude, "lm_head")), c),
+    "embeddings": lambda p, c: (
+        "embeddings tracked too (wte 1024 x 16, wpe 32 x 32)",
+        replace(p, embeddings=True, ranks={**p.ranks, "transformer.wte": (1024, 16)}),
+        c,
+    ),
+}
 
 
 if __name__ == "__main__":

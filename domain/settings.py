@@ -94,9 +94,8 @@ class DeploymentSettings:
     k8s_secret: str = "dataworth-s3"  # k8s Secret whose keys every step pod gets as env vars (S3 credentials)
     k8s_namespace: str = ""  # namespace of the step pods; "" = the run launcher's (the Helm release's)
     k8s_image: str = ""  # image of the step pods; "" = the image of the user-code deployment
-    shard_readers: int = (
-        2  # gradient shards scoring and the EK-FAC pass read ahead in threads (that many more in memory)
-    )
+    # gradient shards that scoring and the EK-FAC pass read ahead in threads (that many more shards in memory)
+    shard_readers: int = 2
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,15 @@ class FolderStoreError(Exception):
 
 
 def models_location() -> str | None:
-    """``$DATAWORTH_MODELS_ROOT`` without a trailing slash, or None when folders stay in the state folder."""
-    return os.environ.get(MODELS_ROOT_ENV, "").strip().rstrip("/") or None
+    """``$DATAWORTH_MODELS_ROOT`` (an ``s3://bucket/prefix`` URI) without a trailing slash, or None when
+    folders stay in the state folder."""
+    root = os.environ.get(MODELS_ROOT_ENV, "").strip().rstrip("/") or None
+    if root is not None and not (root.startswith("s3://") and urlparse(root).netloc):
+        raise FolderStoreError(
+            f"${MODELS_ROOT_ENV}={root!r} is not an s3://bucket/prefix URI; checkpoints and projections can be "
+            "published only to S3 (or an S3-compatible store through AWS_ENDPOINT_URL); fix it or unset it"
+        )
+    return root
 
 
 def _s3(uri: str):
@@ -42,10 +49,7 @@ def _s3(uri: str):
 
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise FolderStoreError(
-            f"{uri!r} is not an s3://bucket/prefix URI; checkpoints and projections can be published only to S3 "
-            f"(or an S3-compatible store through AWS_ENDPOINT_URL): fix ${MODELS_ROOT_ENV}"
-        )
+        raise FolderStoreError(f"{uri!r} is not an s3://bucket/key URI; re-materialize the asset that wrote it")
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
     options = {
         "access_key": os.environ.get("AWS_ACCESS_KEY_ID") or None,
@@ -67,8 +71,6 @@ def publish(local: Path, kind: str, name: str) -> str:
     if root is None:
         return stored_path(local)
     _check(kind, name)
-    if not is_uri(root):
-        raise FolderStoreError(f"${MODELS_ROOT_ENV}={root!r} must be an s3://bucket/prefix URI (or unset)")
     from pyarrow import fs
 
     uri = f"{root}/{kind}/{name}"

@@ -164,6 +164,7 @@ def test_published_folder_is_fetched_once_by_another_state_folder(bucket, tmp_pa
     assert not (tmp_path / "reader" / "projections" / "abc123").exists()
     with pytest.raises(FolderStoreError, match="not a published folder name"):
         local_folder(f"{bucket}/shared/../etc")
-    monkeypatch.setenv("DATAWORTH_MODELS_ROOT", "gs://elsewhere/x")
-    with pytest.raises(FolderStoreError, match="DATAWORTH_MODELS_ROOT"):
-        publish(folder, "projections", "abc123")
+    for wrong in ("gs://elsewhere/x", "/mnt/shared/models", "s3://"):
+        monkeypatch.setenv("DATAWORTH_MODELS_ROOT", wrong)
+        with pytest.raises(FolderStoreError, match=r"DATAWORTH_MODELS_ROOT=.* is not an s3://bucket/prefix URI"):
+            publish(folder, "projections", "abc123")
