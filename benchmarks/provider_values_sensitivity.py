@@ -97,8 +97,13 @@ CONFIGS = {
     "damping": lambda p, c: ("damping 0.001 relative", p, replace(c, damping=0.001)),
     "no_head": lambda p, c: ("lm_head left out", replace(p, exclude=(*p.exclude, "lm_head")), c),
     "embeddings": lambda p, c: (
-        "embeddings tracked too (wte 1024 x 16, wpe 32 x 32)",
-        replace(p, embeddings=True, ranks={**p.ranks, "transformer.wte": (1024, 16)}),
+        "token embedding tracked too (wte 1024 x 16)",
+        replace(
+            p,
+            embeddings=True,
+            ranks={**p.ranks, "transformer.wte": (1024, 16)},
+            exclude=(*p.exclude, "transformer.wpe"),
+        ),
         c,
     ),
 }
