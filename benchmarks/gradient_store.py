@@ -3,7 +3,7 @@
 Three layouts of the same N x D gradients, each a Delta table written with our DeltaStore in shards:
   blob32   one little-endian float32 binary blob per row (what the pipeline stores today)
   array32  a float32 list column of length D (Delta has no fixed-size array type; read back as Array)
-  blob16   one bfloat16 blob per row (half the bytes; decoded to float32 for scoring)
+  blob16   one bfloat16 blob per row (half the bytes; decoded to float32 for scoring): `gradient_dtype = "bfloat16"`
 For each size it reports table bytes, seconds to read every shard into an (N, D) float32 tensor,
 the ratio to blob32 (measured in the same run), and for blob16 the error it adds to influence
 scores (relative error and Spearman of a query's scores against float32).
@@ -30,27 +30,15 @@ SHARDS = 8
 QUERIES = 16
 
 
-def bf16_to_binary(gradients: torch.Tensor) -> pl.Series:
-    """(N, D) -> N bfloat16 byte strings (the raw 2-byte patterns)."""
-    array = gradients.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2")
-    return pl.Series([row.tobytes() for row in array], dtype=pl.Binary)
-
-
-def binary_to_bf16(column: pl.Series) -> torch.Tensor:
-    """N bfloat16 byte strings -> (N, D) float32."""
-    joined = np.frombuffer(b"".join(column.to_list()), dtype="<i2").reshape(len(column), -1).copy()
-    return torch.from_numpy(joined).view(torch.bfloat16).float()
-
-
 ENCODE = {
     "blob32": lambda g: gradients_to_binary(g),
     "array32": lambda g: pl.Series(g.numpy(), dtype=pl.Array(pl.Float32, g.shape[1])).cast(pl.List(pl.Float32)),
-    "blob16": bf16_to_binary,
+    "blob16": lambda g: gradients_to_binary(g, "bfloat16"),
 }
 DECODE = {
     "blob32": binary_to_gradients,
     "array32": lambda c: torch.from_numpy(c.list.to_array(len(c[0])).to_numpy().copy()),
-    "blob16": binary_to_bf16,
+    "blob16": lambda c: binary_to_gradients(c, "bfloat16"),
 }
 
 
