@@ -280,6 +280,17 @@ def configs() -> list[Config]:
             Settings().curvature,
             note="pipeline default: random 32/side, lm_head 16 x 1024, EK-FAC, empirical, 0.01 relative",
         ),
+        Config(
+            "default+wte",
+            replace(
+                Settings().projection,
+                embeddings=True,
+                exclude=("transformer.wpe",),
+                ranks={**Settings().projection.ranks, "transformer.wte": (1024, 16)},
+            ),
+            Settings().curvature,
+            note="the default, and the token embedding at 1024 (vocabulary) x 16 (benchmarks/RESULTS.md, issue 11)",
+        ),
         Config("old-default", note="the default before: random 32/side, EK-FAC, empirical, 0.01 relative, no lm_head"),
         # step 2: full width, the very layers and Fisher of Kronfluence
         Config(
