@@ -89,7 +89,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                 "dim": projection.layout.dim,
                 "delta_version": version,
                 "layers": dg.MetadataValue.md("| layer | k_in | k_out |\n|---|---|---|\n" + layers),
-                "not_tracked_tied": ", ".join(sorted(set(config.exclude) - set(settings.projection.exclude))),
+                "not_tracked": ", ".join(sorted(set(config.exclude) - set(settings.projection.exclude))),
                 "ranks_cut_to_width": ", ".join(sorted(set(config.ranks) - set(settings.projection.ranks))),
             },
             check_results=[schema_result(delta, "gradient_projection")],

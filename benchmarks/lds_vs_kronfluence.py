@@ -46,6 +46,7 @@ from dataworth import (
     batches,
 )
 from dataworth.task import IGNORE
+from domain.gradients import pipeline_projection_config
 from domain.quality import RetrainConfig, example_losses, fine_tune, subset_masks
 from domain.settings import Settings
 
@@ -278,18 +279,13 @@ def configs() -> list[Config]:
             "default",
             Settings().projection,
             Settings().curvature,
-            note="pipeline default: random 32/side, lm_head 16 x 1024, EK-FAC, empirical, 0.01 relative",
+            note="pipeline default: random 32/side, lm_head 16 x 1024, wte 1024 x 16, EK-FAC, empirical, 0.01 relative",
         ),
         Config(
-            "default+wte",
-            replace(
-                Settings().projection,
-                embeddings=True,
-                exclude=("transformer.wpe",),
-                ranks={**Settings().projection.ranks, "transformer.wte": (1024, 16)},
-            ),
+            "default-no-wte",
+            replace(Settings().projection, embeddings=False),
             Settings().curvature,
-            note="the default, and the token embedding at 1024 (vocabulary) x 16 (benchmarks/RESULTS.md, issue 11)",
+            note="the default without the token embedding (the default before issue 11's provider identification)",
         ),
         Config("old-default", note="the default before: random 32/side, EK-FAC, empirical, 0.01 relative, no lm_head"),
         # step 2: full width, the very layers and Fisher of Kronfluence
@@ -395,6 +391,7 @@ def dataworth_scores(model, task, bench, cfg: Config, seed: int) -> tuple[torch.
     from_gradients = cfg.curvature.kind == "ekfac"  # no (D_l x D_l) second moments: wide blocks stay cheap
     if "lm_head" not in projection.exclude:
         model = untied_head(model)
+    projection = pipeline_projection_config(projection, model, adapter=False)  # no wpe; ranks cut to the widths
     t0 = time.time()
     logra = LoGra(model, task, projection, pca_examples=bench.train, batch_size=16)
     sampled = cfg.curvature.fisher == "sampled"

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from dataworth import CausalLMTask  # noqa: E402
 from domain import quality  # noqa: E402
+from domain.gradients import pipeline_projection_config  # noqa: E402
 from domain.lm import TinyGPT2Config, train_embedded_model, train_tiny_gpt2, train_tokenizer  # noqa: E402
 from domain.queries import completions_of, encode_queries, query_losses, read_prompts  # noqa: E402
 from domain.sequences import tokenize_corpus  # noqa: E402
@@ -142,7 +143,7 @@ def main() -> None:
         train,
         train_providers,
         queries,
-        settings.projection,
+        pipeline_projection_config(settings.projection, model, adapter=False),
         settings.curvature,
         config,
         query_providers=query_providers,

@@ -11,7 +11,7 @@ from dataworth.checkpointing import checkpointed_blocks
 from dataworth.config import CurvatureConfig, ProjectionConfig
 from dataworth.curvature import Curvature, Preconditioner
 from dataworth.errors import ConfigError, DataworthError, MismatchError, NonFiniteError
-from dataworth.layers import LayerSpec, find_layers, tied_layers
+from dataworth.layers import LayerSpec, batch_shared_layers, find_layers, tied_layers
 from dataworth.logra import LoGra
 from dataworth.projection import GradientLayout, Projection
 from dataworth.scoring import InfluenceResult, InfluenceScorer
@@ -38,6 +38,7 @@ __all__ = [
     "Projection",
     "ProjectionConfig",
     "Task",
+    "batch_shared_layers",
     "batches",
     "checkpointed_blocks",
     "find_layers",

@@ -24,6 +24,9 @@ class ProjectionConfig:
     include: tuple[str, ...] = ("*",)  # glob patterns of layer names to track
     exclude: tuple[str, ...] = ()  # glob patterns of layer names to skip
     embeddings: bool = False  # also track nn.Embedding layers (sparse one-hot inputs)
+    # (k_in, k_out) of every tracked nn.Embedding that `ranks` does not name: vocabulary side, width side.
+    # None = rank_in, rank_out. A one-hot input needs a wide vocabulary side to keep tokens apart.
+    embedding_ranks: tuple[int, int] | None = None
     bias: bool = False  # append a column of ones to the input so the bias gradient is logged
     # a weight held by several modules (a tied lm_head): "refuse" (its gradient sums every use, and one module
     # sees only its own), or "module_use": each tracked module's own use of it, exactly (what Kronfluence tracks)
@@ -37,6 +40,12 @@ class ProjectionConfig:
         for name, value in [("rank_in", self.rank_in), ("rank_out", self.rank_out)]:
             if value < 1:
                 raise ConfigError(f"projection {name}={value} must be a positive integer")
+        if self.embedding_ranks is not None:
+            if len(self.embedding_ranks) != 2 or min(self.embedding_ranks) < 1:
+                raise ConfigError(
+                    f"projection embedding_ranks={self.embedding_ranks} must be (k_in, k_out), two integers >= 1"
+                )
+            object.__setattr__(self, "embedding_ranks", tuple(self.embedding_ranks))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "ranks", {k: tuple(v) for k, v in self.ranks.items()})

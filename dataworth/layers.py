@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 from dataworth.errors import ConfigError
@@ -103,3 +104,35 @@ def find_layers(
             "widen the module filter"
         )
     return found
+
+
+def batch_shared_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """Those of `names` whose input has one row for the whole batch (GPT-2's position embedding: ids (1, T)
+    broadcast over the batch), so their per-example gradient cannot be separated. Found by hooking them
+    through one forward of a causal LM on a (2, 3) batch of token id 0."""
+    if not names:
+        return []
+    modules = dict(model.named_modules())
+    rows: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_module, args, _output) -> None:
+            rows.setdefault(name, args[0].shape[0])
+
+        return hook
+
+    hooks = [modules[n].register_forward_hook(record(n)) for n in names]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(2, 3, dtype=torch.long, device=device))
+    except Exception as error:
+        raise ConfigError(
+            f"a probe forward of {type(model).__name__} on input_ids (2, 3), run to find which of the embeddings "
+            f"{names} see one input for the whole batch, failed ({type(error).__name__}: {error}); leave "
+            "embeddings out (embeddings = false)"
+        ) from error
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [n for n in names if rows.get(n, 2) != 2]

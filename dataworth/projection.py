@@ -63,11 +63,13 @@ def input_width(spec: LayerSpec, config: ProjectionConfig) -> int:
     return spec.n_in + int(config.bias and spec.has_bias)
 
 
-def requested_ranks(name: str, config: ProjectionConfig) -> tuple[int, int]:
-    """(k_in, k_out) asked for layer `name`: its first matching `ranks` override, else the defaults."""
-    return next(
-        (r for pattern, r in config.ranks.items() if fnmatchcase(name, pattern)), (config.rank_in, config.rank_out)
-    )
+def requested_ranks(spec: LayerSpec, config: ProjectionConfig) -> tuple[int, int]:
+    """(k_in, k_out) asked for a layer: its first matching `ranks` override, else `embedding_ranks` for an
+    embedding, else the defaults."""
+    default = (config.rank_in, config.rank_out)
+    if spec.kind == "embedding" and config.embedding_ranks is not None:
+        default = config.embedding_ranks
+    return next((r for pattern, r in config.ranks.items() if fnmatchcase(spec.name, pattern)), default)
 
 
 def resolve_ranks(spec: LayerSpec, config: ProjectionConfig) -> tuple[int, int]:
@@ -75,7 +77,7 @@ def resolve_ranks(spec: LayerSpec, config: ProjectionConfig) -> tuple[int, int]:
     n_in = input_width(spec, config)
     if config.init == "identity":
         return n_in, spec.n_out
-    k_in, k_out = requested_ranks(spec.name, config)
+    k_in, k_out = requested_ranks(spec, config)
     for side, k, n in [("rank_in", k_in, n_in), ("rank_out", k_out, spec.n_out)]:
         if k > n:
             raise ConfigError(

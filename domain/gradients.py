@@ -16,6 +16,7 @@ from dataworth import (
     NonFiniteError,
     ProjectionConfig,
     Task,
+    batch_shared_layers,
     find_layers,
     tied_layers,
 )
@@ -48,9 +49,10 @@ def examples_of(sequences: pl.DataFrame) -> list[list[int]]:
 
 def pipeline_projection_config(config: ProjectionConfig, model: nn.Module, adapter: bool) -> ProjectionConfig:
     """The projection the pipeline makes for `model`. Without an adapter: `[projection]` as set, except that a
-    rank wider than its layer is cut to the layer's width and, with shared_weights = "refuse", a layer whose
-    weight is tied to another module (lm_head and the input embedding) is not tracked, each recorded as an
-    exact `ranks` / `exclude` entry. With a LoRA adapter: only its lora_A / lora_B layers, at
+    rank wider than its layer is cut to the layer's width, an embedding whose input is shared by the whole batch
+    (GPT-2's position embedding) is not tracked and, with shared_weights = "refuse", neither is a layer whose
+    weight is tied to another module (lm_head and the input embedding), each recorded as an exact `ranks` /
+    `exclude` entry. With a LoRA adapter: only its lora_A / lora_B layers, at
     rank_in / rank_out clipped to the adapter rank r (`ranks`, `include` and `exclude` name base layers,
     which are then never tracked); seed, init and bias are kept."""
     if adapter:
@@ -61,12 +63,16 @@ def pipeline_projection_config(config: ProjectionConfig, model: nn.Module, adapt
         tied = tied_layers(model)
         candidates = find_layers(model, config.include, config.exclude, config.embeddings, shared_weights="module_use")
         config = replace(config, exclude=(*config.exclude, *(n for n in candidates if n in tied)))
+    if config.embeddings:  # position embeddings: one input row for the whole batch
+        found = find_layers(model, config.include, config.exclude, True, shared_weights="module_use")
+        shared = batch_shared_layers(model, [n for n, spec in found.items() if spec.kind == "embedding"])
+        config = replace(config, exclude=(*config.exclude, *shared))
     if config.init == "identity":
         return config
     clipped = {}
     layers = find_layers(model, config.include, config.exclude, config.embeddings, config.shared_weights)
     for name, spec in layers.items():
-        k_in, k_out = requested_ranks(name, config)
+        k_in, k_out = requested_ranks(spec, config)
         n_in = input_width(spec, config)
         if k_in > n_in or k_out > spec.n_out:
             clipped[name] = (min(k_in, n_in), min(k_out, spec.n_out))

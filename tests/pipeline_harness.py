@@ -35,6 +35,7 @@ seq_len = 32
 [projection]
 rank_in = 4
 rank_out = 4
+embedding_ranks = [16, 4]
 exclude = ["lm_head"]
 [queries]
 queries_file = "data/embedded_queries.jsonl"

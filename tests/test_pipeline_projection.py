@@ -11,14 +11,17 @@ from dataclasses import replace
 import polars as pl
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from dataworth import CausalLMTask, ConfigError, Curvature, LoGra, ProjectionConfig
+from dataworth import CausalLMTask, ConfigError, Curvature, LoGra, ProjectionConfig, batch_shared_layers
 from domain.artifacts import load_model, load_projection
 from domain.gradients import capture_shard, examples_of, pipeline_projection_config
 from domain.settings import Settings
 from resources.codecs import binary_to_gradients, frame_gradients, frame_to_tensors
 from tests.pipeline_harness import TINY_SETTINGS, make_tiny_setup
 from tests.test_engine_architectures import VOCAB, build
+
+LLAMA_LINEARS = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
 
 
 def blocks(config: ProjectionConfig, model) -> dict[str, tuple[int, int]]:
@@ -37,20 +40,40 @@ def test_a_tied_head_is_tracked_through_its_output_use_or_left_out_and_ranks_are
     with pytest.raises(ConfigError, match="shares its weight"):  # the engine alone refuses it
         LoGra(tied, CausalLMTask(pad_token_id=0), exact)
     config = pipeline_projection_config(exact, tied, adapter=False)
-    assert config.exclude == ("lm_head",)  # the embedding is tied too, but embeddings are not tracked
-    assert "lm_head" not in blocks(config, tied) and len(blocks(config, tied)) == 14  # 7 Linear per layer
+    assert config.exclude == ("model.embed_tokens", "lm_head")  # both hold the tied weight
+    assert set(blocks(config, tied)) == {f"model.layers.{i}.{m}" for i in range(2) for m in LLAMA_LINEARS}
 
     untied = build("llama")  # hidden 16, MLP 24, vocabulary 64: every rank of 32 or 1024 is cut
     config = pipeline_projection_config(default, untied, adapter=False)
     assert config.exclude == ()
     got = blocks(config, untied)
     assert got["lm_head"] == (16, VOCAB)
+    assert got["model.embed_tokens"] == (VOCAB, 16)  # 1024 (vocabulary) x 16 asked, 64 x 16 wide
     assert got["model.layers.0.self_attn.q_proj"] == (16, 16)  # 32 x 32 asked, 16 x 16 wide
     assert got["model.layers.0.self_attn.k_proj"] == (16, 8)  # 2 key/value heads of 4 dimensions
     assert got["model.layers.0.mlp.down_proj"] == (24, 16)
     # what fits is left as asked
     narrow = ProjectionConfig(rank_in=4, rank_out=4, ranks={"lm_head": (2, 8)})
     assert pipeline_projection_config(narrow, untied, adapter=False) == narrow
+
+
+def test_the_token_embedding_is_tracked_and_a_position_embedding_shared_by_the_batch_is_left_out():
+    shape = dict(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**shape))  # tied
+    assert batch_shared_layers(gpt2, ["transformer.wte", "transformer.wpe"]) == ["transformer.wpe"]
+    task = CausalLMTask(pad_token_id=0)
+    examples = [[5, 6, 7, 8], [9, 10, 11]]
+    everything = ProjectionConfig(rank_in=4, rank_out=4, embeddings=True, include=("transformer.wpe",))
+    with pytest.raises(ConfigError, match="one input for the whole batch"):  # the engine alone refuses wpe
+        LoGra(gpt2, task, everything).capture(examples)
+    config = pipeline_projection_config(Settings().projection, gpt2, adapter=False)
+    assert config.exclude == ("transformer.wpe",)
+    got = blocks(config, gpt2)
+    assert got["transformer.wte"] == (VOCAB, 16) and got["lm_head"] == (16, VOCAB)  # the tied weight's two uses
+    assert "transformer.wpe" not in got and len(got) == 2 + 4  # c_attn, c_proj, c_fc, mlp.c_proj
+    gradients = LoGra(gpt2, task, config).capture(examples)
+    assert gradients.shape == (2, sum(k_in * k_out for k_in, k_out in got.values()))
+    assert batch_shared_layers(build("llama"), ["model.embed_tokens"]) == []  # rotary: no position embedding
 
 
 def test_sampled_fisher_refuses_a_layer_whose_second_moment_would_not_fit(monkeypatch):
@@ -128,3 +151,18 @@ def test_pipeline_stores_bfloat16_gradients_when_asked(tmp_path, monkeypatch):
     # bfloat16 keeps 8 significant bits: within 2^-8 of the float32 capture, relative to each value
     torch.testing.assert_close(frame_gradients(stored), gradients, rtol=2**-8, atol=1e-6 * gradients.abs().max())
     assert delta.read("influence_scores").height > 0
+
+
+def test_a_model_the_embedding_probe_cannot_run_is_refused_naming_the_fix():
+    class Scorer(torch.nn.Module):  # an embedding, but no causal-LM forward(input_ids=...)
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(8, 4)
+            self.out = torch.nn.Linear(4, 1)
+
+        def forward(self, tokens):
+            return self.out(self.emb(tokens))
+
+    with pytest.raises(ConfigError, match=r"probe forward of Scorer.*\['emb'\].*embeddings = false"):
+        pipeline_projection_config(ProjectionConfig(embeddings=True), Scorer(), adapter=False)
+    assert batch_shared_layers(Scorer(), []) == []  # nothing to find: no forward

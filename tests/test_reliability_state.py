@@ -77,6 +77,7 @@ SETTINGS_CHANGES = {
     "shards.seq_len": ({"shards": {"seq_len": 16}}, set(NEW_SHARDS), ALL_SHARDS),
     "projection.rank_in": ({"projection": {"rank_in": 3}}, set(REPROJECT), ALL_SHARDS),
     "projection.seed": ({"projection": {"seed": 7}}, set(REPROJECT), ALL_SHARDS),
+    "projection.embedding_ranks": ({"projection": {"embedding_ranks": [8, 4]}}, set(REPROJECT), ALL_SHARDS),
     "curvature.fisher": ({"curvature": {"fisher": "sampled"}}, set(NEW_SHARDS), ALL_SHARDS),
     "curvature.kind": ({"curvature": {"kind": "kfac"}}, SCORES_ONLY, None),
     "curvature.damping": ({"curvature": {"damping": 0.5}}, SCORES_ONLY, None),
