@@ -277,6 +277,12 @@ def _section(source: str, name: str, default, values: dict):
         raise SettingsError(f"{source}: [{name}] {error}") from None
 
 
+def _is_rank_pair(value) -> bool:
+    """[k_in, k_out]: two integers >= 1."""
+    pair = isinstance(value, list | tuple) and len(value) == 2
+    return pair and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value)
+
+
 def _value(source: str, section: str | None, key: str, value, hint):
     """`value` checked against the field's type and rule; converted (lists to tuples, ints to floats)."""
 
@@ -300,8 +306,7 @@ def _value(source: str, section: str | None, key: str, value, hint):
         if not isinstance(value, str):
             fail('must be a string (write it in quotes: "...")')
     elif hint == tuple[int, int] | None:  # embedding_ranks: [k_in, k_out] (TOML has no None: leave the key out)
-        ok = isinstance(value, list | tuple) and len(value) == 2
-        if not (ok and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value)):
+        if not _is_rank_pair(value):
             fail("must be [rank_in, rank_out], two integers >= 1")
         value = tuple(value)
     elif origin is tuple:
@@ -314,9 +319,7 @@ def _value(source: str, section: str | None, key: str, value, hint):
         item = args[1]
         for name, v in value.items():
             if typing.get_origin(item) is tuple:  # ranks: glob -> [k_in, k_out]
-                ok = isinstance(v, list | tuple) and len(v) == 2
-                ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)
-                if not ok:
+                if not _is_rank_pair(v):
                     fail(f"entry {name!r} must be [rank_in, rank_out], two integers >= 1")
             elif isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
                 fail(f"entry {name!r} must be a number > 0")

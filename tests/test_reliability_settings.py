@@ -42,6 +42,14 @@ BAD_SETTINGS = {
     "normalize_typo": ('[scores]\nnormalize = "cosin"\n', r"\[scores\] normalize = 'cosin': must be one of"),
     "bool_as_number": ("[corpus]\nseed_embedded_corpus = 1\n", r"seed_embedded_corpus = 1: must be true or false"),
     "section_as_value": ("scores = 3\n", r"scores = 3: must be a \[scores\] section"),
+    "embedding_ranks_not_a_pair": (
+        "[projection]\nembedding_ranks = [1024]\n",
+        r"\[projection\] embedding_ranks = \[1024\]: must be \[rank_in, rank_out\], two integers >= 1",
+    ),
+    "rank_pair_with_zero": (
+        "[projection]\nranks = { lm_head = [0, 8] }\n",
+        r"ranks = .*entry 'lm_head' must be \[rank_in, rank_out\], two integers >= 1",
+    ),
     "exclude_as_string": ('[projection]\nexclude = "lm_head"\n', r"exclude = 'lm_head': must be a list of strings"),
     "seq_len_above_context": (
         "[model]\nn_positions = 64\n[shards]\nseq_len = 128\n",
