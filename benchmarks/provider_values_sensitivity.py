@@ -121,8 +121,7 @@ def print_seed_spread(providers: list[str], sums: list[torch.Tensor], training_r
     print(f"\nmean seed std / mean bootstrap half-width: {ratio:.3f}")
 
 
-PROJECTION_SEEDS_K = (1, 2)  # the default is seed 0
-PROJECTION_SEEDS = tuple(f"seed{k}" for k in PROJECTION_SEEDS_K)
+PROJECTION_SEEDS = {"seed1": 1, "seed2": 2}  # config name -> projection seed; the default is seed 0
 # name -> (default projection, curvature) -> (row label, projection, curvature)
 CONFIGS = {
     "default": lambda p, c: ("default (rank 32, lm_head 16 x 1024, wte 1024 x 16, damping 0.01 relative)", p, c),
@@ -130,7 +129,10 @@ CONFIGS = {
     "damping": lambda p, c: ("damping 0.001 relative", p, replace(c, damping=0.001)),
     "no_head": lambda p, c: ("lm_head left out", replace(p, exclude=(*p.exclude, "lm_head")), c),
     "no_embedding": lambda p, c: ("token embedding left out", replace(p, embeddings=False), c),
-    **{f"seed{k}": (lambda p, c, k=k: (f"projection seed {k}", replace(p, seed=k), c)) for k in PROJECTION_SEEDS_K},
+    **{
+        name: (lambda p, c, k=k: (f"projection seed {k}", replace(p, seed=k), c))
+        for name, k in PROJECTION_SEEDS.items()
+    },
 }
 
 
