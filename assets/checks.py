@@ -2,7 +2,8 @@
 
 Each asset declares `schema_spec(name)` and returns `schema_result(...)` with its materialization;
 the check runs in the asset's own step (one process spawn, not two) and, being blocking, a failure
-stops every downstream asset of the run.
+stops every downstream asset of the run. A graph-backed asset yields them from its last op, whose
+outputs `check_outputs` names.
 """
 
 import dagster as dg
@@ -33,3 +34,8 @@ def schema_result(
             "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in failures) or "none"),
         },
     )
+
+
+def check_outputs(asset: str, checks: list[dg.AssetCheckSpec]) -> list[str]:
+    """The output names a graph-backed `asset`'s last op gives the results of `checks` (Dagster's naming)."""
+    return [f"{asset}_{check.name}" for check in checks]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import dagster as dg
 import polars as pl
 
-from assets.checks import schema_result, schema_spec
+from assets.checks import check_outputs, schema_result, schema_spec
 from assets.metadata import commit_metadata, upstream_versions
 from assets.partitions import SINGLE_RUN, shard_partitions
 from assets.steps import step_tags
@@ -24,8 +24,9 @@ from domain.gradients import (
 )
 from domain.progress import Progress
 from domain.settings import Settings
+from domain.staging import shard_groups
 from resources.codecs import tensors_to_frame
-from resources.delta import DeltaStore
+from resources.delta import DeltaStore, run_metadata
 from resources.folders import publish
 
 
@@ -34,8 +35,13 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+CAPTURE_DEPS = ("token_shards", "model_checkpoint", "gradient_projection")
+HASHES = ("projection_hash", "model_hash")
+
+
 def build(settings: Settings) -> list[dg.AssetsDefinition]:
     """The gradients group's assets, their code versions taken from `settings`."""
+    gradients_version = settings.version("curvature.fisher")
 
     @dg.asset(
         op_tags=step_tags(settings.deployment, gpu=True),
@@ -95,83 +101,117 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             check_results=[schema_result(delta, "gradient_projection")],
         )
 
-    @dg.asset(
-        op_tags=step_tags(settings.deployment, gpu=True),
+    workers = settings.deployment.capture_workers
+    tables = ("projected_gradients", "projected_gradients_statistics")
+
+    def capture_part(part: int) -> dg.OpDefinition:
+        @dg.op(
+            name=f"capture_part_{part}",
+            ins={name: dg.In(dg.Nothing) for name in CAPTURE_DEPS},
+            out=dg.Out(dg.Nothing),
+            tags=step_tags(settings.deployment, gpu=True),
+        )
+        def capture_shard_group(context: dg.OpExecutionContext, delta: DeltaStore) -> None:
+            """Capture one contiguous group (`shard_groups`) of the run's shards, committing shard by shard."""
+            shard_keys = shard_groups(list(context.partition_keys), workers)[part]
+            if not shard_keys:
+                context.log.info(f"part {part} of {workers} has no shard to capture")
+                return
+            model, tokenizer, model_row = load_model(delta)
+            projection, projection_row = load_projection(delta, model_row["checkpoint_hash"])
+            hashes = {"projection_hash": projection_row["projection_hash"], "model_hash": model_row["checkpoint_hash"]}
+            upstream = upstream_versions(delta, "token_shards", "model_checkpoint", "gradient_projection")
+            task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=settings.model.seed)
+            logra = pipeline_logra(model, task, settings, projection=projection)
+            capture_progress = Progress(len(shard_keys), "shard")  # one estimate of time left across the group
+            for index, shard in enumerate(shard_keys):
+                started = time.perf_counter()
+                seqs = delta.read("token_shards", where={"shard_id": shard}).sort("seq_index")
+
+                def progress(done: int, total: int, shard: str = shard, index: int = index) -> None:
+                    label = f"shard {index + 1}/{len(shard_keys)} ({shard}): {done}/{total} sequences"
+                    if report := capture_progress.update(index + done / max(total, 1), label):
+                        context.log.info(report)
+
+                rows, stats = capture_shard(
+                    logra, seqs, settings.curvature.fisher, hashes, progress, settings.gradient_dtype
+                )
+                meta = run_metadata(context.run_id, gradients_version, upstream)
+                for table, frame in [("projected_gradients_statistics", stats), ("projected_gradients", rows)]:
+                    # statistics first: a shard counts as done (see stale_shards) once its gradients land
+                    # add_columns: a table written before `gradient_dtype` existed gains it (old rows: null = float32)
+                    delta.replace_shard(table, shard, frame, add_columns=table == "projected_gradients", metadata=meta)
+                tokens, seconds = int(seqs["n_tokens"].sum()), time.perf_counter() - started
+                # Dagster marks a ranged run's partitions done only when the asset's last step ends: say each
+                # shard as it lands
+                context.log_event(
+                    dg.AssetObservation(
+                        asset_key="projected_gradients",
+                        partition=shard,
+                        metadata={
+                            "sequences": seqs.height,
+                            "tokens": tokens,
+                            "providers": ", ".join(sorted(seqs["provider_id"].unique().to_list())),
+                            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+                            "peak_memory_mb": round(peak_memory_mb(), 1),  # of this step's process so far
+                            "capture_step": part,
+                            "delta_version": delta.version("projected_gradients"),
+                        },
+                    )
+                )
+
+        return capture_shard_group
+
+    checks = [schema_spec(t, asset="projected_gradients") for t in tables]
+    outputs = ["projected_gradients", *check_outputs("projected_gradients", checks)]
+
+    @dg.op(
+        ins={"parts": dg.In(dg.Nothing)},
+        out={name: dg.Out(dg.Nothing) for name in outputs},
+        tags=step_tags(settings.deployment),
+    )
+    def check_gradients(context: dg.OpExecutionContext, delta: DeltaStore):
+        """Every shard of the run captured: its totals, and both tables' schemas on its rows."""
+        shards = list(context.partition_keys)
+        rows = delta.read("projected_gradients", where={"shard_id": shards}, columns=["n_tokens", *HASHES])
+        yield dg.Output(
+            None,
+            "projected_gradients",
+            metadata={  # the run's totals: every partition of this run shows them (per shard: observations)
+                "shards_in_this_run": len(shards),
+                "sequences_in_this_run": rows.height,
+                "tokens_in_this_run": int(rows["n_tokens"].sum()),
+                "capture_steps": min(workers, len(shards)),
+                **{name: ", ".join(sorted(rows[name].unique().to_list())) for name in HASHES},
+            },
+        )
+        for table in tables:
+            yield schema_result(delta, table, {"shard_id": shards})
+
+    @dg.graph_multi_asset(
+        outs={
+            "projected_gradients": dg.AssetOut(
+                code_version=gradients_version,
+                group_name="gradients",
+                kinds={"pytorch", "delta"},
+                dagster_type=dg.Nothing,
+                description="Per shard: every sequence's projected gradient, and the shard's partial curvature "
+                "sums. A run's shards are captured by `[deployment] capture_workers` steps, each a group of them.",
+            )
+        },
+        ins={
+            "token_shards": dg.AssetIn(dagster_type=dg.Nothing, partition_mapping=dg.IdentityPartitionMapping()),
+            "model_checkpoint": dg.AssetIn(dagster_type=dg.Nothing),
+            "gradient_projection": dg.AssetIn(dagster_type=dg.Nothing),
+        },
         partitions_def=shard_partitions,
         backfill_policy=SINGLE_RUN,
-        deps=[
-            dg.AssetDep("token_shards", partition_mapping=dg.IdentityPartitionMapping()),
-            "model_checkpoint",
-            "gradient_projection",
-        ],
-        code_version=settings.version("curvature.fisher"),
-        check_specs=[
-            schema_spec("projected_gradients"),
-            schema_spec("projected_gradients_statistics", asset="projected_gradients"),
-        ],
-        group_name="gradients",
-        kinds={"pytorch", "delta"},
+        check_specs=checks,
     )
-    def projected_gradients(context: dg.AssetExecutionContext, delta: DeltaStore) -> dg.MaterializeResult:
-        """Per shard: every sequence's projected gradient, and the shard's partial curvature sums."""
-        model, tokenizer, model_row = load_model(delta)
-        projection, projection_row = load_projection(delta, model_row["checkpoint_hash"])
-        hashes = {"projection_hash": projection_row["projection_hash"], "model_hash": model_row["checkpoint_hash"]}
-        upstream = upstream_versions(delta, "token_shards", "model_checkpoint", "gradient_projection")
-        task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=settings.model.seed)
-        logra = pipeline_logra(model, task, settings, projection=projection)
-        total_tokens, total_rows, started = 0, 0, time.perf_counter()
-        shard_keys = list(context.partition_keys)
-        capture_progress = Progress(len(shard_keys), "shard")  # one estimate of time left across all shards
-        for shard in context.partition_keys:
-            seqs = delta.read("token_shards", where={"shard_id": shard}).sort("seq_index")
-
-            def progress(done: int, total: int, shard: str = shard, index: int = shard_keys.index(shard)) -> None:
-                label = f"shard {index + 1}/{len(shard_keys)} ({shard}): {done}/{total} sequences"
-                if report := capture_progress.update(index + done / max(total, 1), label):
-                    context.log.info(report)
-
-            rows, stats = capture_shard(
-                logra, seqs, settings.curvature.fisher, hashes, progress, settings.gradient_dtype
-            )
-            meta = commit_metadata(context, upstream)
-            for table, frame in [("projected_gradients_statistics", stats), ("projected_gradients", rows)]:
-                # statistics first: a shard counts as done (see stale_shards) once its gradients land
-                # add_columns: a table written before `gradient_dtype` existed gains it (its rows read null = float32)
-                delta.replace_shard(table, shard, frame, add_columns=table == "projected_gradients", metadata=meta)
-            tokens = int(seqs["n_tokens"].sum())
-            # Dagster marks a ranged run's partitions done only when the step ends: say each one as it lands
-            context.log_event(
-                dg.AssetObservation(
-                    asset_key=context.asset_key,
-                    partition=shard,
-                    metadata={
-                        "sequences": seqs.height,
-                        "tokens": tokens,
-                        "providers": ", ".join(sorted(seqs["provider_id"].unique().to_list())),
-                        "delta_version": delta.version("projected_gradients"),
-                    },
-                )
-            )
-            total_tokens += tokens
-            total_rows += seqs.height
-        seconds = time.perf_counter() - started
-        shards = list(context.partition_keys)
-        return dg.MaterializeResult(
-            metadata={  # the whole step's totals: every partition of this run shows them (per shard: observations)
-                "shards_in_this_run": len(shards),
-                "sequences_in_this_run": total_rows,
-                "tokens_in_this_run": total_tokens,
-                "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
-                "peak_memory_mb": round(peak_memory_mb(), 1),
-                "dim": projection.layout.dim,
-                **hashes,
-            },
-            check_results=[
-                schema_result(delta, t, {"shard_id": shards})
-                for t in ("projected_gradients", "projected_gradients_statistics")
-            ],
-        )
+    def projected_gradients(token_shards, model_checkpoint, gradient_projection):
+        inputs = dict(zip(CAPTURE_DEPS, [token_shards, model_checkpoint, gradient_projection]))
+        parts = [capture_part(part)(**inputs) for part in range(workers)]
+        return dict(zip(outputs, check_gradients(parts=parts)))
 
     @dg.asset(
         op_tags=step_tags(settings.deployment),

@@ -8,15 +8,23 @@ from datetime import UTC, datetime
 import dagster as dg
 import polars as pl
 
-from assets.checks import schema_result, schema_spec
+from assets.checks import check_outputs, schema_result, schema_spec
 from assets.metadata import commit_metadata, upstream_versions
 from assets.partitions import shard_partitions
 from assets.steps import step_tags
 from domain.artifacts import latest_row, load_model, load_projection
 from domain.queries import queries_version, query_rows, read_prompts
 from domain.report import valuation_report
-from domain.scoring import VALUATION_INPUTS, score_valuation
+from domain.scoring import (
+    PARTIALS,
+    VALUATION_INPUTS,
+    merge_partials,
+    partial_frame,
+    score_valuation,
+    valuation_provenance,
+)
 from domain.settings import Settings
+from domain.staging import shard_groups
 from domain.valuation import (
     VALUE_LABEL,
     provider_chart,
@@ -27,9 +35,11 @@ from domain.valuation import (
     valuation_id,
     value_markdown,
 )
-from resources.delta import DeltaStore
+from resources.delta import DeltaStore, run_metadata
 from resources.state import reports_dir
 from resources.tracking import MlflowTracker
+
+VALUATION_DEPS = ("projected_gradients", "hessian_factors", "valuation_queries")
 
 
 def build(settings: Settings) -> list[dg.AssetsDefinition]:
@@ -79,44 +89,72 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             check_results=[schema_result(delta, "valuation_queries")],
         )
 
-    @dg.asset(
-        op_tags=step_tags(settings.deployment),
-        deps=["projected_gradients", "hessian_factors", "valuation_queries"],
-        code_version=settings.version("curvature", "scores"),
-        check_specs=[schema_spec("influence_scores"), schema_spec("valuation_provenance", asset="influence_scores")],
-        group_name="valuation",
-        kinds={"pytorch", "delta"},
-    )
-    def influence_scores(context: dg.AssetExecutionContext, delta: DeltaStore) -> dg.MaterializeResult:
-        """Per query: top-k training sequences and documents; per document: total over queries."""
+    scores, workers = settings.scores, settings.deployment.scoring_workers
+    scores_version = settings.version("curvature", "scores")
+
+    def current_valuation(context: dg.OpExecutionContext, delta: DeltaStore) -> tuple[dict, str]:
+        """(provenance, valuation id) of scoring the current table versions and shards: every scoring step
+        derives it alike, so a table that changes between the steps shows as a part of another valuation."""
         shards = sorted(context.instance.get_dynamic_partitions(shard_partitions.name))
-        versions = upstream_versions(delta, *VALUATION_INPUTS)  # every read below is of these versions
-        scores = settings.scores
-        scored = score_valuation(
-            delta,
-            versions,
-            shards,
-            settings.curvature,
-            normalize=scores.normalize,
-            top_k=scores.top_k,
-            block_rows=scores.block_rows,
-            readers=settings.deployment.shard_readers,
+        versions = upstream_versions(delta, *VALUATION_INPUTS)  # every read is of these versions
+        provenance = valuation_provenance(delta, versions, shards, settings, scores_version)
+        return provenance, valuation_id(provenance)
+
+    def score_part(part: int) -> dg.OpDefinition:
+        @dg.op(
+            name=f"score_part_{part}",
+            ins={name: dg.In(dg.Nothing) for name in VALUATION_DEPS},
+            out=dg.Out(dg.Nothing),
+            tags=step_tags(settings.deployment),
         )
-        projection_row = latest_row(delta, "gradient_projection", versions["gradient_projection"])
-        provenance = {
-            "tables": versions,
-            "model_hash": projection_row["model_hash"],
-            "projection_hash": projection_row["projection_hash"],
-            "projection": json.loads(projection_row["config"]),
-            "curvature": settings.to_dict()["curvature"],
-            "scores": settings.to_dict()["scores"],
-            "queries": settings.to_dict()["queries"],
-            "shards": shards,
-            "code_version": context.assets_def.code_versions_by_key[context.asset_key],
-        }
-        vid = valuation_id(provenance)
+        def score_shard_group(context: dg.OpExecutionContext, delta: DeltaStore) -> None:
+            """Score one contiguous group of shards (`shard_groups`) and write its partial result."""
+            provenance, vid = current_valuation(context, delta)
+            group = shard_groups(provenance["shards"], workers)[part]
+            if not group:
+                context.log.info(f"part {part} of {workers} has no shard to score")
+                return
+            scored = score_valuation(
+                delta,
+                provenance["tables"],
+                group,
+                settings.curvature,
+                normalize=scores.normalize,
+                top_k=scores.top_k,
+                block_rows=scores.block_rows,
+                readers=settings.deployment.shard_readers,
+            )
+            meta = run_metadata(context.run_id, scores_version, provenance["tables"])
+            delta.replace(
+                PARTIALS,
+                partial_frame(vid, part, group, scored),
+                {"valuation_id": vid, "part": f"{part:04d}"},
+                metadata=meta,
+            )
+            context.log.info(
+                f"part {part}: {scored.rows.height} rows of {len(group)} shard(s) in {scored.seconds:.1f}s"
+            )
+
+        return score_shard_group
+
+    checks = [
+        schema_spec("influence_scores"),
+        schema_spec("valuation_provenance", asset="influence_scores"),
+        schema_spec(PARTIALS, asset="influence_scores"),
+    ]
+    outputs = ["influence_scores", *check_outputs("influence_scores", checks)]
+
+    @dg.op(
+        ins={"parts": dg.In(dg.Nothing)},
+        out={name: dg.Out(dg.Nothing) for name in outputs},
+        tags=step_tags(settings.deployment),
+    )
+    def merge_scores(context: dg.OpExecutionContext, delta: DeltaStore):
+        """Merge the parts (exact: top-k of top-k's, sums add) and commit the valuation."""
+        provenance, vid = current_valuation(context, delta)
+        scored = merge_partials(delta, vid, provenance, workers, scores.top_k)
         rows = score_rows(vid, scored, scores.top_k)
-        meta = commit_metadata(context, versions)
+        meta = run_metadata(context.run_id, scores_version, provenance["tables"])
         training_rows, rate = scored.rows.height, scored.rows.height / max(scored.seconds, 1e-9)
         record = pl.DataFrame(
             {
@@ -134,19 +172,40 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         # incomplete (stale_work redoes it, the audit refuses it), never score rows that nothing knows
         delta.replace("valuation_provenance", record, {"valuation_id": vid}, metadata=meta)
         delta.replace("influence_scores", rows, {"valuation_id": vid}, metadata=meta)
-        return dg.MaterializeResult(
+        yield dg.Output(
+            None,
+            "influence_scores",
             metadata={
                 "valuation_id": vid,
                 "training_rows": training_rows,
                 "queries": len(scored.query_ids),
                 "documents": len(scored.docs),
-                "rows_per_second": round(rate, 1),
+                "scoring_workers": workers,
+                "rows_per_second": round(rate, 1),  # per worker: rows over the workers' summed seconds
                 "score_rows": rows.height,
             },
-            check_results=[
-                schema_result(delta, t, {"valuation_id": vid}) for t in ("influence_scores", "valuation_provenance")
-            ],
         )
+        for table in ("influence_scores", "valuation_provenance", PARTIALS):
+            yield schema_result(delta, table, {"valuation_id": vid})
+
+    @dg.graph_multi_asset(
+        outs={
+            "influence_scores": dg.AssetOut(
+                code_version=scores_version,
+                group_name="valuation",
+                kinds={"pytorch", "delta"},
+                dagster_type=dg.Nothing,
+                description="Per query: top-k training sequences and documents; per document: total over "
+                "queries. Scored by `[deployment] scoring_workers` steps over groups of shards, then merged.",
+            )
+        },
+        ins={name: dg.AssetIn(dagster_type=dg.Nothing) for name in VALUATION_DEPS},
+        check_specs=checks,
+    )
+    def influence_scores(projected_gradients, hessian_factors, valuation_queries):
+        inputs = dict(zip(VALUATION_DEPS, [projected_gradients, hessian_factors, valuation_queries]))
+        parts = [score_part(part)(**inputs) for part in range(workers)]
+        return dict(zip(outputs, merge_scores(parts=parts)))
 
     @dg.asset(
         op_tags=step_tags(settings.deployment),

@@ -14,7 +14,7 @@ from dataworth.errors import ConfigError, DataworthError, MismatchError, NonFini
 from dataworth.layers import LayerSpec, batch_shared_layers, find_layers, tied_layers
 from dataworth.logra import LoGra
 from dataworth.projection import GradientLayout, Projection
-from dataworth.scoring import InfluenceResult, InfluenceScorer
+from dataworth.scoring import InfluenceResult, InfluenceScorer, merge_results
 from dataworth.statistics import CurvatureStatistics
 from dataworth.task import CausalLMTask, Task, batches
 
@@ -42,6 +42,7 @@ __all__ = [
     "batches",
     "checkpointed_blocks",
     "find_layers",
+    "merge_results",
     "tied_layers",
     "lora_include",
     "lora_layers",

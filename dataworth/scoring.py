@@ -8,7 +8,7 @@ Normalisations: "relatif" divides by sqrt(g_i^T H^-1 g_i) (RelatIF); "cosine" al
 sqrt(g_q^T H^-1 g_q), i.e. the cosine of preconditioned gradients (unit-norm, as in TrackStar).
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -113,3 +113,48 @@ class InfluenceScorer:
             self_influence=torch.cat(selfs) if selfs else None,
             scores=torch.cat(kept) if keep_scores and kept else None,
         )
+
+
+def merge_results(
+    parts: Sequence[InfluenceResult], *, top_k: int, group_codes: Mapping[str, Sequence[torch.Tensor]] | None = None
+) -> InfluenceResult:
+    """One result from the results of consecutive row ranges scored apart: part i's rows follow part i-1's.
+
+    `group_codes[name][i]` is (G_i,) int64, the merged id of each row of part i's `group_sums[name]`; a group
+    may span parts (its sums add). Top-k is the k best of the parts' top-k's, with the rows before each part
+    added to its indices. Equal to one stream over all rows, up to the order of float64 additions.
+    """
+    if not parts:
+        raise ConfigError("merge_results needs at least one part")
+    n_queries = parts[0].top_scores.shape[0]
+    if any(p.top_scores.shape[0] != n_queries for p in parts):
+        raise MismatchError("parts were scored against different numbers of queries: they cannot be merged")
+    offsets = torch.tensor([0] + [len(p.example_totals) for p in parts]).cumsum(0)
+    candidates = torch.cat([p.top_scores for p in parts], dim=1)  # (Q, sum k_i)
+    candidate_rows = torch.cat([p.top_indices + o for p, o in zip(parts, offsets[:-1].tolist())], dim=1)
+    top_scores, pos = candidates.topk(min(top_k, candidates.shape[1]), dim=1)
+    sums = {}
+    for name, codes in (group_codes or {}).items():
+        if len(codes) != len(parts):
+            raise MismatchError(f"grouping {name!r} has codes for {len(codes)} parts, not {len(parts)}")
+        codes = [torch.as_tensor(c, dtype=torch.int64) for c in codes]
+        for part, part_codes in zip(parts, codes):
+            if part.group_sums[name].shape[0] != len(part_codes):
+                raise MismatchError(
+                    f"grouping {name!r}: a part has {part.group_sums[name].shape[0]} group sums "
+                    f"but {len(part_codes)} codes"
+                )
+        count = max((int(c.max()) + 1 for c in codes if len(c)), default=0)
+        sums[name] = torch.zeros(count, n_queries, dtype=torch.float64)
+        for part, part_codes in zip(parts, codes):
+            sums[name].index_add_(0, part_codes, part.group_sums[name])
+    selfs = [p.self_influence for p in parts]
+    kept = [p.scores for p in parts]
+    return InfluenceResult(
+        top_scores=top_scores,
+        top_indices=candidate_rows.gather(1, pos),
+        example_totals=torch.cat([p.example_totals for p in parts]),
+        group_sums=sums,
+        self_influence=torch.cat(selfs) if all(s is not None for s in selfs) else None,
+        scores=torch.cat(kept) if all(s is not None for s in kept) else None,
+    )

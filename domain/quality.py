@@ -455,10 +455,11 @@ def evaluate_provider_values(
     """Provider values of `model` (trained on `train`; queries: (ids, n_prompt) pairs whose completions are
     measured) against leave-provider-out retraining: `train_fn(examples, seed)` retrains the way the model was
     made (from its fixed base); without it, `model` itself is fine-tuned with `config`, a proxy whose removal
-    effects are those of one more pass over the data. Returns `provider_value_benchmark` metrics, plus
-    provider-id top-1 accuracy and `within_group_agreement` when queries have a provider (query_providers
-    (Q,), -1 for none), and the arrays: group_sums (P, Q), removals (R, P) bool, predicted (R,), measured
-    (S, R, Q)."""
+    effects are those of one more pass over the data. Returns `provider_value_benchmark` metrics, the
+    Spearman of the providers' row counts against their measured removal effects (`size_spearman`: the
+    baseline that needs no valuation), provider-id top-1 accuracy and `within_group_agreement` when queries
+    have a provider (query_providers (Q,), -1 for none), and the arrays: group_sums (P, Q), removals (R, P)
+    bool, predicted (R,), measured (S, R, Q)."""
     n_providers = int(train_providers.max()) + 1
     gradients = capture(model, task, train, queries, projection, fishers=(curvature.fisher,))
     sums = group_sums(score_matrix(gradients, curvature, normalize), train_providers, n_providers)
@@ -475,6 +476,9 @@ def evaluate_provider_values(
     )
     metrics["train_sequences"] = float(len(train))
     metrics["queries"] = float(len(queries))
+    # the baseline a valuation must beat: rank the providers by their number of training rows alone
+    sizes = torch.bincount(train_providers, minlength=n_providers).double()
+    metrics["size_spearman"] = spearman(sizes, measured[:, :n_providers].double().mean((0, 2)))
     if query_providers is not None and (query_providers >= 0).any():
         labelled = query_providers >= 0
         metrics["provider_acc"] = provider_accuracy(sums[:, labelled], query_providers[labelled])

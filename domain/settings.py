@@ -96,6 +96,10 @@ class DeploymentSettings:
     k8s_image: str = ""  # image of the step pods; "" = the image of the user-code deployment
     # gradient shards that scoring and the EK-FAC pass read ahead in threads (that many more shards in memory)
     shard_readers: int = 2
+    # steps that capture a run's shards at once, each a contiguous group (projected_gradients; GPU steps)
+    capture_workers: int = 1
+    # steps that score contiguous groups of shards at once (influence_scores), merged exactly by one more step
+    scoring_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,8 @@ RULES: dict[str, tuple] = {  # "section.key" -> (minimum, exclusive minimum) or 
     "deployment.gpus_per_model_step": (0, None),
     "deployment.cpus_per_step": (0, None),
     "deployment.shard_readers": _AT_LEAST_1,
+    "deployment.capture_workers": _AT_LEAST_1,
+    "deployment.scoring_workers": _AT_LEAST_1,
 }
 K8S_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")  # "8Gi", "512Mi", "0.5"
 K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a Secret's or namespace's name (RFC 1123 label)

@@ -104,6 +104,15 @@ def staged_corpus() -> pl.DataFrame:
     return pl.concat([pl.read_parquet(f, columns=["doc_id", "provider_id", "content_sha256"]) for f in files])
 
 
+def shard_groups(shards: list[str], parts: int) -> list[list[str]]:
+    """`parts` contiguous groups of the sorted shards, for that many workers: sizes differ by at most one,
+    and trailing groups are empty when there are fewer shards than parts."""
+    ordered = sorted(shards)
+    size, extra = divmod(len(ordered), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [ordered[bounds[i] : bounds[i + 1]] for i in range(parts)]
+
+
 def assign_shards(rows: pl.DataFrame, batch_id: str, docs_per_shard: int) -> pl.DataFrame:
     """Sort by doc_id and give each run of `docs_per_shard` documents one shard id."""
     rows = rows.sort("doc_id")

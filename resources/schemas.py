@@ -163,6 +163,22 @@ class HessianFactors(_Strict):
     tokens: pl.Int64 = pa.Field(ge=1)
 
 
+class InfluencePartials(_Strict):
+    """One scored group of shards per (valuation_id, part), merged by influence_scores; every tensor is
+    stored as float64 (row indices are exact below 2**53)."""
+
+    name: str = pa.Field(isin=("top_scores", "top_indices", "example_totals", "doc_sums", "provider_sums"))
+    shape: pl.List(pl.Int64) = pa.Field()
+    dtype: str = pa.Field(isin=["float64"])
+    data: pl.Binary = pa.Field(float_blob={"itemsize": 8}, matches_shape=(), finite_blob=())
+    valuation_id: str = pa.Field(str_matches=r"^v-[0-9a-f]{16}$")
+    part: str = pa.Field(str_matches=r"^[0-9]{4,}$")
+    shards: pl.List(pl.String) = pa.Field()
+    rows: pl.Int64 = pa.Field(ge=1)
+    queries: pl.Int64 = pa.Field(ge=1)
+    seconds: pl.Float64 = pa.Field(ge=0)
+
+
 class ValuationQueries(_Strict):
     """An empty completion (the model ended at once) is allowed: its gradient is zero. `reference`: the
     completion came from the query file (else it is the model's greedy one); `loss`: the completion's summed
@@ -299,6 +315,7 @@ SCHEMAS: dict[str, type[pa.DataFrameModel]] = {
     "projected_gradients_statistics": ProjectedGradientsStatistics,
     "hessian_factors": HessianFactors,
     "valuation_queries": ValuationQueries,
+    "influence_partials": InfluencePartials,
     "influence_scores": InfluenceScores,
     "provider_valuations": ProviderValuations,
 }

@@ -93,6 +93,7 @@ KEYS = {
     "hessian_factors": ["name"],
     "valuation_queries": ["query_id"],
     "influence_scores": ["valuation_id", "kind", "query_id", "rank", "doc_id", "provider_id"],
+    "influence_partials": ["valuation_id", "part", "name"],
     "provider_valuations": ["valuation_id", "provider_id"],
     "model_checkpoint": ["checkpoint_hash"],
     "gradient_projection": ["projection_hash"],
@@ -103,6 +104,7 @@ VOLATILE = {
     "model_checkpoint": ["created_at", "mlflow_run_id"],
     "gradient_projection": ["created_at"],
     "provider_valuations": ["mlflow_run_id"],
+    "influence_partials": ["seconds"],
     "valuation_provenance": ["dagster_run_id", "scoring_seconds", "rows_per_second", "created_at"],
 }
 

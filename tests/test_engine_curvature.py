@@ -14,6 +14,7 @@ from dataworth import (
     LoGra,
     MismatchError,
     ProjectionConfig,
+    merge_results,
 )
 from tests.engine_models import RegressionTask, TokenMLP, per_example_weight_grads, regression_examples
 
@@ -196,3 +197,45 @@ def test_mixing_projections_and_bad_damping_are_refused():
         CurvatureConfig(damping=-1.0)
     with pytest.raises(ConfigError, match="non-empty"):
         InfluenceScorer(train[:0], curvature.preconditioner(CurvatureConfig(kind="kfac")))
+
+
+def test_results_of_row_ranges_merge_to_the_one_stream():
+    """Three consecutive row ranges scored apart, merged: the same top-k, totals and group sums as one
+    stream over every row, with a group (row 11's and row 12's) that spans two ranges."""
+    examples, queries = regression_examples(20), regression_examples(4, seed=1)
+    _, _, _, curvature, train, query = fitted("ekfac", examples, queries)
+    scorer = InfluenceScorer(query, curvature.preconditioner(CurvatureConfig()))
+    groups = torch.arange(20) // 3  # 7 groups of 3 rows (the last of 2)
+    whole = scorer.stream(train.split(4), top_k=5, groups={"g": groups}, self_influence=True, keep_scores=True)
+    bounds = [0, 7, 12, 20]
+    parts, codes = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        local, part_codes = torch.unique(groups[start:end], return_inverse=True)  # sorted, as the rows are
+        part = scorer.stream(
+            train[start:end].split(4), top_k=5, groups={"g": part_codes}, self_influence=True, keep_scores=True
+        )
+        parts.append(part)
+        codes.append(local)
+    merged = merge_results(parts, top_k=5, group_codes={"g": codes})
+
+    torch.testing.assert_close(merged.top_scores, whole.top_scores)
+    assert torch.equal(merged.top_indices, whole.top_indices)
+    assert merged.top_scores.shape == (4, 5)
+    torch.testing.assert_close(merged.example_totals, whole.example_totals, rtol=1e-12, atol=0)
+    torch.testing.assert_close(merged.group_sums["g"], whole.group_sums["g"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.self_influence, whole.self_influence)
+    torch.testing.assert_close(merged.scores, whole.scores)
+
+
+def test_merge_refuses_parts_that_do_not_fit():
+    examples, queries = regression_examples(6), regression_examples(3, seed=1)
+    _, _, _, curvature, train, query = fitted("raw", examples, queries)
+    pre = curvature.preconditioner(CurvatureConfig(kind="raw"))
+    three = InfluenceScorer(query, pre).stream([train], groups={"g": torch.zeros(6, dtype=torch.int64)})
+    two = InfluenceScorer(query[:2], pre).stream([train], groups={"g": torch.zeros(6, dtype=torch.int64)})
+    with pytest.raises(MismatchError, match="different numbers of queries"):
+        merge_results([three, two], top_k=3)
+    with pytest.raises(MismatchError, match="grouping 'g': a part has 1 group sums but 2 codes"):
+        merge_results([three], top_k=3, group_codes={"g": [torch.tensor([0, 1])]})
+    with pytest.raises(ConfigError, match="at least one part"):
+        merge_results([], top_k=3)

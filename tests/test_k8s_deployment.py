@@ -272,7 +272,7 @@ def test_the_job_has_the_k8s_executor_and_dagster_validates_its_config(k8s_defs)
     execution = dg.validate_run_config(job, {})["execution"]["k8s"]
     assert execution["env_secrets"] == ["dataworth-s3"]
     assert set(execution["env_vars"]) == set(STATE_ENV) - {"MLFLOW_TRACKING_URI"}  # every one values.yaml sets
-    assert execution["tag_concurrency_limits"] == [{"key": GPU_TAG, "limit": 1}]  # the GPU pool
+    assert execution["tag_concurrency_limits"] == [{"key": GPU_TAG, "limit": 4}]  # the GPU pool
     probe = dg.asset(name="probe")(lambda: None)
     broken = dg.Definitions(
         assets=[probe],
@@ -287,19 +287,20 @@ def test_gpu_assets_request_gpus_in_tags_dagster_k8s_parses(k8s_defs):
     from dagster_k8s.job import get_user_defined_k8s_config
 
     gpu, cpu = [], []
-    for asset in k8s_defs.assets:
-        tags = asset.op.tags
-        resources = get_user_defined_k8s_config(tags).container_config["resources"]
-        if tags.get(GPU_TAG):
-            assert resources["limits"][K8S_GPU] == resources["requests"][K8S_GPU] == "1", asset.key
+    for op in (op for asset in k8s_defs.assets for op in asset.node_def.iterate_op_defs()):  # every step
+        resources = get_user_defined_k8s_config(op.tags).container_config["resources"]
+        if op.tags.get(GPU_TAG):
+            assert resources["limits"][K8S_GPU] == resources["requests"][K8S_GPU] == "1", op.name
             assert resources["limits"]["memory"] == "16Gi"
-            gpu.append(asset.key.to_user_string())
+            gpu.append(op.name)
         else:
-            assert K8S_GPU not in json.dumps(tags), asset.key
-            cpu.append(asset.key.to_user_string())
+            assert K8S_GPU not in json.dumps(op.tags), op.name
+            cpu.append(op.name)
         assert resources["requests"]["cpu"] == "2"
-    assert {"model_checkpoint", "projected_gradients", "valuation_queries"} <= set(gpu)
-    assert {"training_corpus", "token_shards", "influence_scores", "provider_valuations"} <= set(cpu)
+    capture = {f"capture_part_{i}" for i in range(4)}  # projected_gradients: capture_workers = 4
+    assert {"model_checkpoint", "valuation_queries"} | capture <= set(gpu)
+    scoring = {f"score_part_{i}" for i in range(8)} | {"merge_scores"}  # influence_scores: scoring_workers = 8
+    assert {"training_corpus", "token_shards", "provider_valuations"} | scoring <= set(cpu)
     with pytest.raises(dg.DagsterInvalidConfigError):  # the parser is strict
         get_user_defined_k8s_config({K8S_CONFIG_TAG: json.dumps({"container_confg": {}})})
 
@@ -328,8 +329,8 @@ def test_a_gpu_step_pod_renders_with_gpus_credentials_and_the_state_folder(k8s_d
         monkeypatch.setenv(name, value)
     executor = K8sContainerContext(env_secrets=execution["env_secrets"], env_vars=execution["env_vars"])
     rendered = {}
-    for step in ("projected_gradients", "token_shards"):
-        tags = {node.name: node.definition.tags for node in job.nodes}[step]
+    for step in ("capture_part_0", "token_shards"):  # a capture step of projected_gradients, a CPU asset
+        tags = {op.name: op.tags for op in job.graph.iterate_op_defs()}[step]
         context = code_location.merge(executor).merge(
             K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(tags))
         )
@@ -341,7 +342,7 @@ def test_a_gpu_step_pod_renders_with_gpus_credentials_and_the_state_folder(k8s_d
             component="step_worker",
         )
         rendered[step] = ApiClient().sanitize_for_serialization(pod_job)
-    spec = rendered["projected_gradients"]["spec"]["template"]["spec"]
+    spec = rendered["capture_part_0"]["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     assert container["resources"]["limits"] == {"memory": "16Gi", K8S_GPU: "1"}
     assert spec["tolerations"] == [{"key": K8S_GPU, "operator": "Exists", "effect": "NoSchedule"}]

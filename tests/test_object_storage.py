@@ -5,10 +5,8 @@ travel, folders fetched by a process that never had them, and `dataworth audit -
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,52 +18,6 @@ from tests.pipeline_harness import make_tiny_setup
 from tests.test_delta_store import META, ROUNDS, _write_partitions, shard_frame
 
 pytest.importorskip("moto.server", reason="moto[server] is not installed: pip install -e '.[dev]'")
-BUCKET = "dataworth-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def bucket(monkeypatch, tmp_path):
-    """An empty bucket on a local S3-compatible server (moto, in its own process: deltalake may hold the
-    GIL while it waits for an answer); the AWS_* variables point every process at it."""
-    import boto3
-
-    port = free_port()
-    log = (tmp_path / "moto.log").open("w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_REGION": "us-east-1",
-        "AWS_ALLOW_HTTP": "true",
-    }.items():
-        monkeypatch.setenv(key, value)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # not listening yet
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        yield f"s3://{BUCKET}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def test_round_trip_replace_and_time_travel_on_s3(bucket):
@@ -113,7 +65,7 @@ def test_valuation_on_s3_tables_audits_and_verifies(bucket, tmp_path, monkeypatc
     # a worker that never had the folders (they are not in its state folder) fetches them from the bucket
     for folder in ("models", "projections"):
         shutil.rmtree(setup.home / folder)
-    objects = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="state/mlflow/")
+    objects = boto3.client("s3").list_objects_v2(Bucket=bucket.removeprefix("s3://"), Prefix="state/mlflow/")
     artifacts = {item["Key"].rsplit("/", 1)[-1] for item in objects.get("Contents", [])}
     assert {"provider_valuations.png", "provenance.json"} <= artifacts  # MLflow's artifacts too
     store = DeltaStore()
@@ -157,7 +109,7 @@ def test_published_folder_is_fetched_once_by_another_state_folder(bucket, tmp_pa
     assert [p.name for p in fetched.parent.iterdir()] == ["abc123"]  # no staging folder left behind
 
     # an upload that stopped before its marker is never read
-    boto3.client("s3").delete_object(Bucket=BUCKET, Key=f"shared/projections/abc123/{COMPLETE}")
+    boto3.client("s3").delete_object(Bucket=bucket.removeprefix("s3://"), Key=f"shared/projections/abc123/{COMPLETE}")
     shutil.rmtree(fetched)
     with pytest.raises(FolderStoreError, match="not fully uploaded; re-materialize"):
         local_folder(uri)

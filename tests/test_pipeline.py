@@ -6,10 +6,23 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from dataworth import MismatchError
 from domain.audit import lineage, verify
+from domain.scoring import PARTIALS, merge_partials
 from resources.codecs import binary_to_gradients
 from resources.tracking import MlflowTracker
-from tests.pipeline_harness import make_tiny_setup
+from tests.pipeline_harness import TINY_SETTINGS, make_tiny_setup
+from tests.reliability_support import assert_same_rows
+
+SPLIT_TABLES = (
+    "projected_gradients",
+    "projected_gradients_statistics",
+    "hessian_factors",
+    "valuation_queries",
+    "influence_scores",
+    "valuation_provenance",
+    "provider_valuations",
+)
 
 
 def test_tiny_graph_materializes_end_to_end(tmp_path, monkeypatch):
@@ -19,7 +32,7 @@ def test_tiny_graph_materializes_end_to_end(tmp_path, monkeypatch):
     results = setup.run_stale()
     assert len(results) == 1 and results[0].success
     checks = results[0].get_asset_check_evaluations()
-    assert len(checks) == 11 and all(c.passed for c in checks)
+    assert len(checks) == 12 and all(c.passed for c in checks)
 
     delta = setup.delta
     corpus = delta.read("training_corpus")
@@ -79,3 +92,43 @@ def test_tiny_graph_materializes_end_to_end(tmp_path, monkeypatch):
     assert report["model"]["checkpoint_hash"] == projection["model_hash"]
     assert report["tables"]["projected_gradients"]["dagster_run_id"] == results[0].run_id
     assert verify(delta, vid, sample=4)["passed"]
+
+
+def test_capture_and_scoring_split_over_workers_give_the_one_worker_rows(tmp_path, monkeypatch):
+    """The same 6 shards in a second home whose run captures them in 4 steps and scores them in 4 (groups of
+    2, 2, 1, 1): every table holds the one-step run's rows (float sums up to rounding), under the same
+    valuation id; the audit passes; a scored part that is missing stops the merge."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "four").mkdir()
+    one = make_tiny_setup(tmp_path / "one", monkeypatch)
+    one.stage()
+    assert all(r.success for r in one.run_stale())
+    expected = {t: one.delta.read(t) for t in SPLIT_TABLES}
+
+    split = "[deployment]\ncapture_workers = 4\nscoring_workers = 4\n"
+    four = make_tiny_setup(tmp_path / "four", monkeypatch, TINY_SETTINGS + split)
+    shards = sorted(four.stage())
+    (run,) = four.run_stale()
+    assert run.success
+    steps = {e.step_key for e in run.all_events if e.is_step_success}
+    assert {f"projected_gradients.capture_part_{i}" for i in range(4)} <= steps
+    assert {f"influence_scores.score_part_{i}" for i in range(4)} | {"influence_scores.merge_scores"} <= steps
+    delta = four.delta
+    for table in SPLIT_TABLES:
+        assert_same_rows(table, delta.read(table), expected[table], ("mlflow_run_id",))
+    observed = [e for e in run.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    steps_of = {e.event_specific_data.asset_observation.partition: e.step_key for e in observed}
+    assert steps_of[shards[0]] == steps_of[shards[1]] == "projected_gradients.capture_part_0"
+    assert steps_of[shards[5]] == "projected_gradients.capture_part_3"
+
+    (vid,) = set(delta.read("influence_scores")["valuation_id"])
+    partials = delta.read(PARTIALS, where={"valuation_id": vid})
+    groups = dict(partials.select("part", "shards").unique().iter_rows())
+    assert groups == {"0000": shards[0:2], "0001": shards[2:4], "0002": shards[4:5], "0003": shards[5:6]}
+    assert verify(delta, vid, sample=4)["passed"]
+
+    provenance = json.loads(delta.read("valuation_provenance", where={"valuation_id": vid})["provenance"][0])
+    part0 = partials.filter(pl.col("part") == "0000")
+    delta.replace(PARTIALS, part0.clear(), {"valuation_id": vid, "part": "0000"}, metadata={})
+    with pytest.raises(MismatchError, match=r"no complete scores of part 0 \(shards .*materialize influence_scores"):
+        merge_partials(delta, vid, provenance, 4, top_k=3)

@@ -152,7 +152,7 @@ def test_tiny_end_to_end_provider_values_are_finite():
         model,
         CausalLMTask(pad_token_id=0),
         train,
-        torch.tensor([0, 1, 2] * 4),
+        torch.tensor([0, 1, 2, 0, 1, 0] * 2),  # 6, 4 and 2 rows
         queries,
         ProjectionConfig(rank_in=2, rank_out=2, exclude=("lm_head",)),
         CurvatureConfig(kind="ekfac"),
@@ -162,4 +162,6 @@ def test_tiny_end_to_end_provider_values_are_finite():
     assert arrays["measured"].shape == (2, 4, 3) and arrays["group_sums"].shape == (3, 3)
     assert all(math.isfinite(metrics[k]) for k in ("spearman", "slope", "intercept", "sign_agreement"))
     assert 0 <= metrics["provider_acc"] <= 1 and metrics["train_sequences"] == 12
+    singles = arrays["measured"][:, :3].double().mean((0, 2))  # each provider removed alone
+    assert metrics["size_spearman"] == pytest.approx(quality.spearman([6, 4, 2], singles))
     assert -1 <= metrics["group_spearman"] <= 1 and -1 <= metrics["group_seed_agreement"] <= 1

@@ -1,5 +1,8 @@
-"""The same asset graph on a Ray cluster: a head node started here, every step a Ray job, rows equal to
-the local executor's. `[deployment] executor = "ray"` is the only difference between the two homes."""
+"""The same asset graph on a Ray cluster with its tables on object storage: a head node started here, every
+step a Ray job, the Delta tables, checkpoint, projection and MLflow artifacts in a bucket of a local S3 server
+(moto); rows equal to the local executor's on local disk. The cluster has the S3 credentials (its processes
+start with the AWS_* variables, as a cluster's nodes would); `[deployment]` (Ray, capture and scoring each split
+over 2 steps) and the DATAWORTH_*_ROOT variables are the only differences between the two homes."""
 
 import os
 import shutil
@@ -16,6 +19,7 @@ from tests.pipeline_harness import TINY_SETTINGS, make_tiny_setup
 from tests.reliability_support import assert_same_rows
 
 pytest.importorskip("dagster_ray", reason="dagster-ray is not installed: pip install -e '.[dev]'")
+pytest.importorskip("moto.server", reason="moto[server] is not installed: pip install -e '.[dev]'")
 RAY = Path(sys.executable).parent / "ray"
 COMPARED = (
     "training_corpus",
@@ -66,7 +70,7 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_executor_gives_the_local_executors_rows(tmp_path, monkeypatch, ray_cluster):
+def test_ray_executor_on_s3_gives_the_local_executors_rows(tmp_path, monkeypatch, bucket, ray_cluster):
     (tmp_path / "local").mkdir()
     (tmp_path / "ray").mkdir()
     local = make_tiny_setup(tmp_path / "local", monkeypatch)
@@ -79,10 +83,14 @@ def test_ray_executor_gives_the_local_executors_rows(tmp_path, monkeypatch, ray_
         torch.set_num_threads(threads)
     expected = {t: local.delta.read(t) for t in COMPARED}
 
+    monkeypatch.setenv("DATAWORTH_DELTA_ROOT", f"{bucket}/state/delta")
+    monkeypatch.setenv("DATAWORTH_ARTIFACT_ROOT", f"{bucket}/state/mlflow")
+    monkeypatch.setenv("DATAWORTH_MODELS_ROOT", f"{bucket}/state")
     on_ray = make_tiny_setup(
         tmp_path / "ray",
         monkeypatch,
-        TINY_SETTINGS + f'[deployment]\nexecutor = "ray"\nray_address = "{ray_cluster}"\n',
+        TINY_SETTINGS
+        + f'[deployment]\nexecutor = "ray"\nray_address = "{ray_cluster}"\ncapture_workers = 2\nscoring_workers = 2\n',
     )
     done = subprocess.run(
         [str(Path(sys.executable).parent / "dataworth"), "run"],
@@ -96,5 +104,7 @@ def test_ray_executor_gives_the_local_executors_rows(tmp_path, monkeypatch, ray_
         [str(RAY), "job", "list", "--address", ray_cluster], capture_output=True, text=True, timeout=60
     )
     assert jobs.stdout.count("SUCCEEDED") >= len(COMPARED), jobs.stdout[-2000:]  # the steps ran as Ray jobs
+    assert not (on_ray.home / "delta").exists()  # every table went to the bucket
+    assert on_ray.delta.table_path("influence_scores").startswith(f"{bucket}/state/delta/")
     for table in COMPARED:
         assert_same_rows(table, on_ray.delta.read(table), expected[table], ("mlflow_run_id",))

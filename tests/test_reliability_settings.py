@@ -50,6 +50,10 @@ BAD_SETTINGS = {
         "[projection]\nranks = { lm_head = [0, 8] }\n",
         r"ranks = .*entry 'lm_head' must be \[rank_in, rank_out\], two integers >= 1",
     ),
+    "no_scoring_worker": (
+        "[deployment]\nscoring_workers = 0\n",
+        r"\[deployment\] scoring_workers = 0: must be >= 1",
+    ),
     "exclude_as_string": ('[projection]\nexclude = "lm_head"\n', r"exclude = 'lm_head': must be a list of strings"),
     "seq_len_above_context": (
         "[model]\nn_positions = 64\n[shards]\nseq_len = 128\n",

@@ -92,6 +92,8 @@ SETTINGS_CHANGES = {
     "checkpoint_blocks": ({"checkpoint_blocks": True}, set(), None),
     "gradient_dtype": ({"gradient_dtype": "bfloat16"}, set(), None),  # new shards use it; nothing is stale
     "deployment.shard_readers": ({"deployment": {"shard_readers": 4}}, set(), None),
+    "deployment.capture_workers": ({"deployment": {"capture_workers": 3}}, set(), None),  # same gradients
+    "deployment.scoring_workers": ({"deployment": {"scoring_workers": 3}}, set(), None),  # same valuation
 }
 
 

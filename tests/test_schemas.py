@@ -86,6 +86,20 @@ VALID = {
             "tokens": [300],
         }
     ),
+    "influence_partials": pl.DataFrame(
+        {
+            "name": ["doc_sums"],
+            "shape": pl.Series([[2, 3]], dtype=pl.List(pl.Int64)),
+            "dtype": ["float64"],
+            "data": [F64_2x3],
+            "valuation_id": [VID],
+            "part": ["0001"],
+            "shards": pl.Series([[SHARD]], dtype=pl.List(pl.String)),
+            "rows": [4],
+            "queries": [3],
+            "seconds": [0.5],
+        }
+    ),
     "valuation_queries": pl.DataFrame(
         {
             "query_id": ["q00"],
@@ -192,6 +206,10 @@ INVALID = {
     "hessian_factors": (
         VALID["hessian_factors"].with_columns(data=pl.lit(INF_F64_2x3), extra=pl.lit(1)),
         ["finite_blob", "extra"],
+    ),
+    "influence_partials": (
+        VALID["influence_partials"].with_columns(data=pl.lit(INF_F64_2x3), part=pl.lit("1"), rows=pl.lit(0)),
+        ["finite_blob", "part", "rows"],
     ),
     "valuation_queries": (VALID["valuation_queries"].drop("completion"), ["completion"]),
     "influence_scores": (
