@@ -9,8 +9,11 @@ measures what the split costs or gains on this machine. Ratios are within this r
 """
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -50,32 +53,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--output", type=Path, help="append the Markdown table to this file")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one count, in this process
     args = parser.parse_args()
     use_state_folder()  # the state folder's Dagster instance, as `dataworth run` uses it
+    if args.one:  # the job must be built from the settings its step processes load: one count per process
+        instance = dg.DagsterInstance.get()
+        wall, steps = timed_run(instance, sorted(instance.get_dynamic_partitions("shards")))
+        print(json.dumps({"wall": wall, "steps": steps}))
+        return
     current = Path(os.environ.get("DATAWORTH_SETTINGS") or dataworth_home() / "settings.toml")
     text = current.read_text() if current.exists() else ""
     if "[deployment]" in text:
         parser.error(f"{current} has a [deployment] section; run on settings without one")
-    instance = dg.DagsterInstance.get()
-    shards = sorted(instance.get_dynamic_partitions("shards"))
     rows, folder = [], Path(tempfile.mkdtemp())
     for workers in args.workers:
         path = folder / f"settings-{workers}.toml"
         path.write_text(f"{text}\n[deployment]\ncapture_workers = {workers}\nscoring_workers = {workers}\n")
-        os.environ["DATAWORTH_SETTINGS"] = str(path)  # the step processes load the settings from this file
-        settings = Settings.load()
-        wall, steps = timed_run(instance, shards)
-        rows.append((workers, wall, steps))
-        print(f"workers {workers}: run {wall:.1f} s, steps {steps}", flush=True)
+        env = {**os.environ, "DATAWORTH_SETTINGS": str(path)}
+        done = subprocess.run([sys.executable, __file__, "--one"], env=env, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{workers} worker(s): {done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append((workers, result["wall"], result["steps"]))
+        print(f"workers {workers}: run {result['wall']:.1f} s, steps {result['steps']}", flush=True)
+    shards = len(dg.DagsterInstance.get().get_dynamic_partitions("shards"))
     first = rows[0][1]
     lines = [
         f"## Capture and scoring split over workers ({datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__})",
         "",
         f"`DATAWORTH_HOME=<quick start state> .venv/bin/python benchmarks/split_steps.py --workers "
-        f"{' '.join(map(str, args.workers))}`: {len(shards)} shards; one run of projected_gradients and "
+        f"{' '.join(map(str, args.workers))}`: {shards} shards; one run of projected_gradients and "
         f"influence_scores per worker count, multiprocess executor (`max_concurrent` "
-        f"{settings.deployment.max_concurrent}). Step seconds are summed over the asset's steps.",
+        f"{Settings.load(path).deployment.max_concurrent}). Step seconds are summed over the asset's steps.",
         "",
         "| workers (capture = scoring) | run seconds | speed-up | projected_gradients steps (s) | influence_scores steps (s) |",
         "|---|---|---|---|---|",

@@ -190,8 +190,8 @@ def merge_partials(delta: DeltaStore, vid: str, provenance: dict, parts: int, to
         if frame.select("shards", "rows", "queries").unique().rows() != [(group, part_rows.height, len(query_ids))]:
             raise MismatchError(
                 f"influence_partials holds no complete scores of part {part} (shards {group[0]}..{group[-1]}) of "
-                f"valuation {vid}: its scoring step failed, or an input table changed while it ran; "
-                "materialize influence_scores again"
+                f"valuation {vid}: its scoring step failed or did not run, an input table changed while it ran, "
+                "or `[deployment] scoring_workers` changed during the run; materialize influence_scores again"
             )
         tensors = frame_to_tensors(frame)
         part_docs = part_rows["doc_id"].unique(maintain_order=True)
