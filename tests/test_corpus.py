@@ -20,7 +20,7 @@ from domain.landing import (
     read_landing_file,
     validate_documents,
 )
-from domain.staging import assign_shards
+from domain.staging import assign_shards, shard_groups
 from resources.schemas import validate
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -200,3 +200,14 @@ def test_quarantine_moves_and_never_overwrites(tmp_path):
     assert [p.name for p in moved] == ["drop.jsonl", "drop.1.jsonl", "drop.2.jsonl"]
     assert [p.read_text() for p in moved] == ["first", "second", "third"]
     assert (rejected_dir / "drop.1.jsonl.reason.txt").read_text() == "bad second\n"
+
+
+@pytest.mark.parametrize(
+    ("shards", "parts", "sizes"),
+    [(6, 4, [2, 2, 1, 1]), (2, 4, [1, 1, 0, 0]), (5, 1, [5]), (0, 2, [0, 0])],
+)
+def test_shard_groups_cut_the_sorted_shards_into_contiguous_groups(shards, parts, sizes):
+    ids = [f"b-{i:04d}" for i in range(shards)]
+    groups = shard_groups(list(reversed(ids)), parts)
+    assert [len(g) for g in groups] == sizes
+    assert [s for g in groups for s in g] == ids  # every shard once, in order
