@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 import dagster as dg
 import polars as pl
 
-from assets.checks import check_outputs, schema_result, schema_spec
+from assets.checks import schema_result, schema_spec
 from assets.metadata import commit_metadata, upstream_versions
 from assets.partitions import SINGLE_RUN, shard_partitions
+from assets.split import split_steps
 from assets.steps import step_tags
 from dataworth import CausalLMTask
 from domain.artifacts import load_model, load_projection, projections_dir, require_single
@@ -104,72 +105,55 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     workers = settings.deployment.capture_workers
     tables = ("projected_gradients", "projected_gradients_statistics")
 
-    def capture_part(part: int) -> dg.OpDefinition:
-        @dg.op(
-            name=f"capture_part_{part}",
-            ins={name: dg.In(dg.Nothing) for name in CAPTURE_DEPS},
-            out=dg.Out(dg.Nothing),
-            tags=step_tags(settings.deployment, gpu=True),
-        )
-        def capture_shard_group(context: dg.OpExecutionContext, delta: DeltaStore) -> None:
-            """Capture one contiguous group (`shard_groups`) of the run's shards, committing shard by shard."""
-            shard_keys = shard_groups(list(context.partition_keys), workers)[part]
-            if not shard_keys:
-                context.log.info(f"part {part} of {workers} has no shard to capture")
-                return
-            model, tokenizer, model_row = load_model(delta)
-            projection, projection_row = load_projection(delta, model_row["checkpoint_hash"])
-            hashes = {"projection_hash": projection_row["projection_hash"], "model_hash": model_row["checkpoint_hash"]}
-            upstream = upstream_versions(delta, "token_shards", "model_checkpoint", "gradient_projection")
-            task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=settings.model.seed)
-            logra = pipeline_logra(model, task, settings, projection=projection)
-            capture_progress = Progress(len(shard_keys), "shard")  # one estimate of time left across the group
-            for index, shard in enumerate(shard_keys):
-                started = time.perf_counter()
-                seqs = delta.read("token_shards", where={"shard_id": shard}).sort("seq_index")
+    def capture_group(context: dg.OpExecutionContext, delta: DeltaStore, part: int) -> None:
+        """Capture one contiguous group (`shard_groups`) of the run's shards, committing shard by shard."""
+        shard_keys = shard_groups(list(context.partition_keys), workers)[part]
+        if not shard_keys:
+            context.log.info(f"part {part} of {workers} has no shard to capture")
+            return
+        model, tokenizer, model_row = load_model(delta)
+        projection, projection_row = load_projection(delta, model_row["checkpoint_hash"])
+        hashes = {"projection_hash": projection_row["projection_hash"], "model_hash": model_row["checkpoint_hash"]}
+        upstream = upstream_versions(delta, "token_shards", "model_checkpoint", "gradient_projection")
+        task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=settings.model.seed)
+        logra = pipeline_logra(model, task, settings, projection=projection)
+        capture_progress = Progress(len(shard_keys), "shard")  # one estimate of time left across the group
+        for index, shard in enumerate(shard_keys):
+            started = time.perf_counter()
+            seqs = delta.read("token_shards", where={"shard_id": shard}).sort("seq_index")
 
-                def progress(done: int, total: int, shard: str = shard, index: int = index) -> None:
-                    label = f"shard {index + 1}/{len(shard_keys)} ({shard}): {done}/{total} sequences"
-                    if report := capture_progress.update(index + done / max(total, 1), label):
-                        context.log.info(report)
+            def progress(done: int, total: int, shard: str = shard, index: int = index) -> None:
+                label = f"shard {index + 1}/{len(shard_keys)} ({shard}): {done}/{total} sequences"
+                if report := capture_progress.update(index + done / max(total, 1), label):
+                    context.log.info(report)
 
-                rows, stats = capture_shard(
-                    logra, seqs, settings.curvature.fisher, hashes, progress, settings.gradient_dtype
+            rows, stats = capture_shard(
+                logra, seqs, settings.curvature.fisher, hashes, progress, settings.gradient_dtype
+            )
+            meta = run_metadata(context.run_id, gradients_version, upstream)
+            for table, frame in [("projected_gradients_statistics", stats), ("projected_gradients", rows)]:
+                # statistics first: a shard counts as done (see stale_shards) once its gradients land
+                # add_columns: a table written before `gradient_dtype` existed gains it (old rows: null = float32)
+                delta.replace_shard(table, shard, frame, add_columns=table == "projected_gradients", metadata=meta)
+            tokens, seconds = int(seqs["n_tokens"].sum()), time.perf_counter() - started
+            # Dagster marks a ranged run's partitions done only when the asset's last step ends: say each
+            # shard as it lands
+            context.log_event(
+                dg.AssetObservation(
+                    asset_key="projected_gradients",
+                    partition=shard,
+                    metadata={
+                        "sequences": seqs.height,
+                        "tokens": tokens,
+                        "providers": ", ".join(sorted(seqs["provider_id"].unique().to_list())),
+                        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+                        "peak_memory_mb": round(peak_memory_mb(), 1),  # of this step's process so far
+                        "capture_step": part,
+                        "delta_version": delta.version("projected_gradients"),
+                    },
                 )
-                meta = run_metadata(context.run_id, gradients_version, upstream)
-                for table, frame in [("projected_gradients_statistics", stats), ("projected_gradients", rows)]:
-                    # statistics first: a shard counts as done (see stale_shards) once its gradients land
-                    # add_columns: a table written before `gradient_dtype` existed gains it (old rows: null = float32)
-                    delta.replace_shard(table, shard, frame, add_columns=table == "projected_gradients", metadata=meta)
-                tokens, seconds = int(seqs["n_tokens"].sum()), time.perf_counter() - started
-                # Dagster marks a ranged run's partitions done only when the asset's last step ends: say each
-                # shard as it lands
-                context.log_event(
-                    dg.AssetObservation(
-                        asset_key="projected_gradients",
-                        partition=shard,
-                        metadata={
-                            "sequences": seqs.height,
-                            "tokens": tokens,
-                            "providers": ", ".join(sorted(seqs["provider_id"].unique().to_list())),
-                            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
-                            "peak_memory_mb": round(peak_memory_mb(), 1),  # of this step's process so far
-                            "capture_step": part,
-                            "delta_version": delta.version("projected_gradients"),
-                        },
-                    )
-                )
+            )
 
-        return capture_shard_group
-
-    checks = [schema_spec(t, asset="projected_gradients") for t in tables]
-    outputs = ["projected_gradients", *check_outputs("projected_gradients", checks)]
-
-    @dg.op(
-        ins={"parts": dg.In(dg.Nothing)},
-        out={name: dg.Out(dg.Nothing) for name in outputs},
-        tags=step_tags(settings.deployment),
-    )
     def check_gradients(context: dg.OpExecutionContext, delta: DeltaStore):
         """Every shard of the run captured: its totals, and both tables' schemas on its rows."""
         shards = list(context.partition_keys)
@@ -187,6 +171,17 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         )
         for table in tables:
             yield schema_result(delta, table, {"shard_id": shards})
+
+    checks = [schema_spec(t, asset="projected_gradients") for t in tables]
+    compose = split_steps(
+        "projected_gradients",
+        workers,
+        CAPTURE_DEPS,
+        checks,
+        part=("capture_part", capture_group, step_tags(settings.deployment, gpu=True)),
+        finish=("check_gradients", check_gradients, step_tags(settings.deployment)),
+        whole="capture",
+    )
 
     @dg.graph_multi_asset(
         outs={
@@ -209,9 +204,9 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         check_specs=checks,
     )
     def projected_gradients(token_shards, model_checkpoint, gradient_projection):
-        inputs = dict(zip(CAPTURE_DEPS, [token_shards, model_checkpoint, gradient_projection]))
-        parts = [capture_part(part)(**inputs) for part in range(workers)]
-        return dict(zip(outputs, check_gradients(parts=parts)))
+        return compose(
+            token_shards=token_shards, model_checkpoint=model_checkpoint, gradient_projection=gradient_projection
+        )
 
     @dg.asset(
         op_tags=step_tags(settings.deployment),

@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 import dagster as dg
 import polars as pl
 
-from assets.checks import check_outputs, schema_result, schema_spec
+from assets.checks import schema_result, schema_spec
 from assets.metadata import commit_metadata, upstream_versions
 from assets.partitions import shard_partitions
+from assets.split import split_steps
 from assets.steps import step_tags
 from domain.artifacts import latest_row, load_model, load_projection
 from domain.queries import queries_version, query_rows, read_prompts
@@ -100,55 +101,28 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         provenance = valuation_provenance(delta, versions, shards, settings, scores_version)
         return provenance, valuation_id(provenance)
 
-    def score_part(part: int) -> dg.OpDefinition:
-        @dg.op(
-            name=f"score_part_{part}",
-            ins={name: dg.In(dg.Nothing) for name in VALUATION_DEPS},
-            out=dg.Out(dg.Nothing),
-            tags=step_tags(settings.deployment),
+    def score_group(context: dg.OpExecutionContext, delta: DeltaStore, part: int) -> None:
+        """Score one contiguous group of shards (`shard_groups`) and write its partial result."""
+        provenance, vid = current_valuation(context, delta)
+        group = shard_groups(provenance["shards"], workers)[part]
+        if not group:
+            context.log.info(f"part {part} of {workers} has no shard to score")
+            return
+        scored = score_valuation(
+            delta,
+            provenance["tables"],
+            group,
+            settings.curvature,
+            normalize=scores.normalize,
+            top_k=scores.top_k,
+            block_rows=scores.block_rows,
+            readers=settings.deployment.shard_readers,
         )
-        def score_shard_group(context: dg.OpExecutionContext, delta: DeltaStore) -> None:
-            """Score one contiguous group of shards (`shard_groups`) and write its partial result."""
-            provenance, vid = current_valuation(context, delta)
-            group = shard_groups(provenance["shards"], workers)[part]
-            if not group:
-                context.log.info(f"part {part} of {workers} has no shard to score")
-                return
-            scored = score_valuation(
-                delta,
-                provenance["tables"],
-                group,
-                settings.curvature,
-                normalize=scores.normalize,
-                top_k=scores.top_k,
-                block_rows=scores.block_rows,
-                readers=settings.deployment.shard_readers,
-            )
-            meta = run_metadata(context.run_id, scores_version, provenance["tables"])
-            delta.replace(
-                PARTIALS,
-                partial_frame(vid, part, group, scored),
-                {"valuation_id": vid, "part": f"{part:04d}"},
-                metadata=meta,
-            )
-            context.log.info(
-                f"part {part}: {scored.rows.height} rows of {len(group)} shard(s) in {scored.seconds:.1f}s"
-            )
+        meta = run_metadata(context.run_id, scores_version, provenance["tables"])
+        where = {"valuation_id": vid, "part": f"{part:04d}"}
+        delta.replace(PARTIALS, partial_frame(vid, part, group, scored), where, metadata=meta)
+        context.log.info(f"part {part}: {scored.rows.height} rows of {len(group)} shard(s) in {scored.seconds:.1f}s")
 
-        return score_shard_group
-
-    checks = [
-        schema_spec("influence_scores"),
-        schema_spec("valuation_provenance", asset="influence_scores"),
-        schema_spec(PARTIALS, asset="influence_scores"),
-    ]
-    outputs = ["influence_scores", *check_outputs("influence_scores", checks)]
-
-    @dg.op(
-        ins={"parts": dg.In(dg.Nothing)},
-        out={name: dg.Out(dg.Nothing) for name in outputs},
-        tags=step_tags(settings.deployment),
-    )
     def merge_scores(context: dg.OpExecutionContext, delta: DeltaStore):
         """Merge the parts (exact: top-k of top-k's, sums add) and commit the valuation."""
         provenance, vid = current_valuation(context, delta)
@@ -188,6 +162,22 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         for table in ("influence_scores", "valuation_provenance", PARTIALS):
             yield schema_result(delta, table, {"valuation_id": vid})
 
+    checks = [
+        schema_spec("influence_scores"),
+        schema_spec("valuation_provenance", asset="influence_scores"),
+        schema_spec(PARTIALS, asset="influence_scores"),
+    ]
+    tags = step_tags(settings.deployment)
+    compose = split_steps(
+        "influence_scores",
+        workers,
+        VALUATION_DEPS,
+        checks,
+        part=("score_part", score_group, tags),
+        finish=("merge_scores", merge_scores, tags),
+        whole="score",
+    )
+
     @dg.graph_multi_asset(
         outs={
             "influence_scores": dg.AssetOut(
@@ -203,9 +193,11 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         check_specs=checks,
     )
     def influence_scores(projected_gradients, hessian_factors, valuation_queries):
-        inputs = dict(zip(VALUATION_DEPS, [projected_gradients, hessian_factors, valuation_queries]))
-        parts = [score_part(part)(**inputs) for part in range(workers)]
-        return dict(zip(outputs, merge_scores(parts=parts)))
+        return compose(
+            projected_gradients=projected_gradients,
+            hessian_factors=hessian_factors,
+            valuation_queries=valuation_queries,
+        )
 
     @dg.asset(
         op_tags=step_tags(settings.deployment),

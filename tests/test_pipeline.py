@@ -33,6 +33,9 @@ def test_tiny_graph_materializes_end_to_end(tmp_path, monkeypatch):
     assert len(results) == 1 and results[0].success
     checks = results[0].get_asset_check_evaluations()
     assert len(checks) == 12 and all(c.passed for c in checks)
+    steps = {e.step_key for e in results[0].all_events if e.is_step_success}
+    assert {"projected_gradients.capture", "influence_scores.score"} <= steps  # one worker: part and finish in one
+    assert not {s for s in steps if "part" in s or s.endswith(("merge_scores", "check_gradients"))}
 
     delta = setup.delta
     corpus = delta.read("training_corpus")

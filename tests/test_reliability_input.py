@@ -383,4 +383,4 @@ def test_deleted_data_file_fails_the_read_loudly(base, tmp_path, monkeypatch):
     result = run(home, "projected_gradients", "hessian_factors", shards=[shard])
     error = failure(result)
     assert "TableDataMissing: Delta table 'token_shards'" in error and "lists a data file that is gone" in error
-    assert started_steps(result) == ["projected_gradients.capture_part_0"] and versions(home.delta) == before
+    assert started_steps(result) == ["projected_gradients.capture"] and versions(home.delta) == before
