@@ -101,11 +101,10 @@ def score_valuation(
     )
 
 
-def training_rows(
-    delta: DeltaStore, versions: dict[str, int | None], shards: list[str], projection_row: dict
-) -> pl.DataFrame:
+def training_rows(delta: DeltaStore, versions: dict[str, int | None], shards: list[str], hashes: dict) -> pl.DataFrame:
     """ROW_COLUMNS of every stored gradient of `shards` at `versions`, sorted by shard and seq_id: the order
-    of the training stream. Refuses shards without gradients, or gradients of another projection or model."""
+    of the training stream. Refuses shards without gradients, or gradients of another projection or model
+    than `hashes` names (projection_hash, model_hash: a gradient_projection row, or a valuation's provenance)."""
     stored = delta.read(
         "projected_gradients",
         version=versions["projected_gradients"],
@@ -117,8 +116,8 @@ def training_rows(
         raise MismatchError(
             f"{len(missing)} shard(s) have no gradients yet ({missing[:5]}); materialize projected_gradients for them"
         )
-    require_single(stored, "projection_hash", projection_row["projection_hash"], "training gradients")
-    require_single(stored, "model_hash", projection_row["model_hash"], "training gradients")
+    require_single(stored, "projection_hash", hashes["projection_hash"], "training gradients")
+    require_single(stored, "model_hash", hashes["model_hash"], "training gradients")
     return stored.select(ROW_COLUMNS)
 
 
@@ -174,8 +173,7 @@ def merge_partials(delta: DeltaStore, vid: str, provenance: dict, parts: int, to
     """The valuation `vid` scored in `parts` groups (`shard_groups` of its shards), merged from the
     influence_partials rows its workers wrote; `seconds` is the sum of the workers' seconds."""
     versions, shards = provenance["tables"], provenance["shards"]
-    projection_row = latest_row(delta, "gradient_projection", versions["gradient_projection"])
-    rows = training_rows(delta, versions, shards, projection_row)
+    rows = training_rows(delta, versions, shards, provenance)  # the provenance names both hashes
     query_ids = delta.read("valuation_queries", version=versions["valuation_queries"], columns=["query_id"])
     query_ids = sorted(query_ids["query_id"].to_list())
     stored = delta.read(PARTIALS, where={"valuation_id": vid}) if delta.exists(PARTIALS) else PARTIALS_EMPTY
