@@ -8,10 +8,10 @@ the completion is the measured loss); provider-id queries: the first sequence of
 Provider values against leave-provider-out retraining: the same training sample is fine-tuned from the
 checkpoint with and without each provider (and random sets of providers), and the predicted rise of the mean
 query loss (value_nats, domain/valuation.py) is compared with the measured one: Spearman across providers,
-calibration slope and intercept, fraction of correct signs, each with a bootstrap interval over queries
-(metrics `provider_*`). Fine-tuning the checkpoint is a proxy (the asset cannot know how a user's model was
-trained): it measures one more pass over the data, not the retraining from a fixed base that the unit
-names; benchmarks/provider_values.py measures both on the embedded model. When the queries carry a `group`
+calibration slope and intercept, fraction of correct signs, each with a bootstrap interval over retraining
+seeds and queries (metrics `provider_*`). Fine-tuning the checkpoint is a proxy (the asset cannot know how a
+user's model was trained): it measures one more pass over the data, not the retraining from a fixed base
+that the unit names; benchmarks/provider_values.py measures both on the embedded model. When the queries carry a `group`
 naming a provider (held-out documents), `provider_values_acc` is the fraction of them whose own provider has
 the largest value.
 """

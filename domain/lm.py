@@ -140,9 +140,11 @@ def train_tiny_gpt2(
     batch_size: int,
     lr: float,
     seed: int,
+    init_seed: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> GPT2LMHeadModel:
-    """Train a GPT-2 from random init with AdamW on CPU; deterministic given ``seed``.
+    """Train a GPT-2 from random init with AdamW on CPU; deterministic given ``seed``, which seeds the
+    random init (unless ``init_seed`` does) and the data order.
 
     ``sequences`` are token-id lists of 2..n_positions tokens. Each step draws
     ``batch_size`` sequences in `epoch_order`, right-pads them to the longest one and
@@ -159,7 +161,7 @@ def train_tiny_gpt2(
         )
     if not sequences:
         raise ValueError("no training sequences")
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if init_seed is None else init_seed)
     model = GPT2LMHeadModel(config.to_hf(tokenizer))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)

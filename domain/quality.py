@@ -413,17 +413,20 @@ def provider_value_benchmark(
     level: float = 0.95,
 ) -> dict[str, float]:
     """Agreement of predicted (R,) and measured (S, R, Q) removal effects: `removal_agreement` on the mean
-    over seeds and queries, each with a percentile bootstrap interval over queries (resampled, then the
-    mean taken again), and the `split_half_agreement` of the measured single-provider effects (how much of
-    the ground truth is removal effect rather than retraining noise; nan with one seed)."""
+    over seeds and queries, each with a percentile bootstrap interval over retraining seeds and queries (both
+    resampled, then the mean taken again: the retraining noise of a few seeds is often the larger part), and
+    the `split_half_agreement` of the measured single-provider effects (how much of the ground truth is
+    removal effect rather than retraining noise; nan with one seed)."""
     measured = measured.double()
     point = removal_agreement(predicted, measured.mean((0, 2)), singles)
     generator = torch.Generator().manual_seed(seed)
-    n_queries = measured.shape[2]
+    n_seeds, _, n_queries = measured.shape
     draws = {k: [] for k in point}
     for _ in range(samples):
+        seeds = torch.randint(n_seeds, (n_seeds,), generator=generator)
         picks = torch.randint(n_queries, (n_queries,), generator=generator)
-        for key, value in removal_agreement(predicted, measured[:, :, picks].mean((0, 2)), singles).items():
+        resampled = measured[seeds][:, :, picks].mean((0, 2))
+        for key, value in removal_agreement(predicted, resampled, singles).items():
             draws[key].append(value)
     out = dict(point)
     for key, values in draws.items():

@@ -89,6 +89,16 @@ def test_same_seed_gives_identical_weights(trained, tokenizer, sequences):
     assert not torch.equal(reference[name], other.state_dict()[name])
 
 
+def test_init_seed_fixes_the_random_init_and_seed_still_orders_the_data(tokenizer, sequences):
+    def train(steps: int, **seeds):
+        return train_tiny_gpt2(sequences, tokenizer, CONFIG, **{**TRAINING, "steps": steps, **seeds}).state_dict()
+
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.equal(train(0, seed=1, init_seed=0)[name], train(0, seed=0)[name])  # the init of seed 0
+    assert not torch.equal(train(0, seed=1)[name], train(0, seed=0)[name])
+    assert not torch.equal(train(3, seed=1, init_seed=0)[name], train(3, seed=0)[name])  # another data order
+
+
 def test_learning_rate_warms_up_holds_then_decays_to_zero():
     factors = [warmup_stable_decay(step, steps=100) for step in range(100)]
     assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # 5 warm-up steps

@@ -125,6 +125,19 @@ def test_provider_value_benchmark_is_perfect_when_measured_equals_predicted():
     assert metrics["removals"] == 5 and metrics["seeds"] == 2
 
 
+def test_provider_value_benchmark_interval_covers_retraining_seeds_not_only_queries():
+    """Seeds that disagree on the ranking, each the same on every query: resampling queries alone would give
+    a zero-width interval around the seeds' mean; the interval must show that the seeds disagree."""
+    predicted = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    by_seed = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    measured = by_seed[:, :, None].expand(3, 4, 5)  # (S, R, Q): no query-to-query spread at all
+    metrics = quality.provider_value_benchmark(predicted, measured, singles=4, samples=400)
+    assert metrics["spearman"] == pytest.approx(1.0)  # the mean over seeds still ranks like the prediction
+    assert metrics["spearman_ci_low"] == pytest.approx(-1.0)  # a draw of seed 1 alone ranks it in reverse
+    assert metrics["spearman_ci_high"] == pytest.approx(1.0)
+    assert metrics["slope_ci_low"] < 0 and metrics["slope_ci_high"] == pytest.approx(1.0)
+
+
 def test_split_half_and_within_group_agreement():
     measured = torch.tensor([[1.0, 2.0, 3.0], [1.1, 2.2, 2.9], [3.0, 2.0, 1.0], [2.9, 2.1, 1.2]])  # (S=4, R)
     assert quality.split_half_agreement(measured) == pytest.approx(-1.0)  # seeds 0-1 vs 2-3 disagree
