@@ -34,6 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import quality_data
+import quality_kronfluence
 
 from dataworth import (
     CausalLMTask,
@@ -45,7 +46,6 @@ from dataworth import (
     ProjectionConfig,
     batches,
 )
-from dataworth.task import IGNORE
 from domain.gradients import pipeline_projection_config
 from domain.quality import RetrainConfig, example_losses, fine_tune, subset_masks
 from domain.settings import Settings
@@ -148,108 +148,6 @@ def seed_agreement(losses: torch.Tensor) -> float:
         if losses.shape[0] > 1
         else float("nan")
     )
-
-
-# ---------------------------------------------------------------- Kronfluence
-
-
-def conv1d_to_linear(model: nn.Module) -> nn.Module:
-    from transformers.pytorch_utils import Conv1D
-
-    model = copy.deepcopy(model)
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
-                linear.weight.data = child.weight.data.T.contiguous()
-                linear.bias.data = child.bias.data.clone()
-                setattr(module, child_name, linear)
-    return model
-
-
-def kronfluence_scores(
-    model, task, train, queries, out_dir: Path, lm_head: bool, dampings, empirical: bool = False
-) -> dict:
-    """damping -> ((N, Q) Kronfluence EK-FAC pairwise scores, seconds) on every Linear (Conv1D rewritten),
-    with or without lm_head, factors fitted once; damping None = Kronfluence's 0.1 x mean eigenvalue
-    heuristic, else absolute (its default ScoreArguments().damping_factor is 1e-8)."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    seq_len = quality_data.SEQ_LEN
-
-    class Rows(torch.utils.data.Dataset):
-        def __init__(self, examples):
-            self.rows = []
-            for e in examples:
-                ids, n_prompt = e if isinstance(e, tuple) else (e, 0)
-                row = {
-                    k: v[0]
-                    for k, v in task.collate([(ids + [task.pad_token_id] * (seq_len - len(ids)), n_prompt)]).items()
-                }
-                row["attention_mask"][len(ids) :] = 0
-                row["labels"][len(ids) :] = IGNORE
-                self.rows.append(row)
-
-        def __len__(self):
-            return len(self.rows)
-
-        def __getitem__(self, i):
-            return self.rows[i]
-
-    linear = conv1d_to_linear(model).eval()
-    tracked = [n for n, m in linear.named_modules() if isinstance(m, nn.Linear) and (lm_head or n != "lm_head")]
-    sampler = CausalLMTask(task.pad_token_id, seed=1)
-
-    class LMTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            return sampler.loss(model, batch, sample_labels=sample)
-
-        def compute_measurement(self, batch, model):
-            return task.loss(model, batch)
-
-        def get_influence_tracked_modules(self):
-            return tracked
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
-
-    lm_task = LMTask()
-    analyzer = Analyzer(
-        analysis_name="lds",
-        model=prepare_model(linear, lm_task),
-        task=lm_task,
-        cpu=True,
-        output_dir=str(out_dir),
-        disable_tqdm=True,
-    )
-    t0 = time.time()
-    analyzer.fit_all_factors(
-        "ekfac",
-        Rows(train),
-        factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=empirical),
-        per_device_batch_size=16,
-        overwrite_output_dir=True,
-    )
-    fit_s, out = time.time() - t0, {}
-    for i, damping in enumerate(dampings):
-        t0 = time.time()
-        analyzer.compute_pairwise_scores(
-            f"pairwise{i}",
-            "ekfac",
-            Rows(queries),
-            Rows(train),
-            per_device_query_batch_size=len(queries),
-            per_device_train_batch_size=32,
-            score_args=ScoreArguments(damping_factor=damping),
-            overwrite_output_dir=True,
-        )
-        out[damping] = (
-            analyzer.load_pairwise_scores(f"pairwise{i}")["all_modules"].T.float(),
-            fit_s + time.time() - t0,
-        )  # (N, Q)
-    return out
 
 
 # ---------------------------------------------------------------- dataworth configurations
@@ -450,22 +348,25 @@ def main() -> None:
             rows[name] = dict(per_q=per_q, d=d, params=params, cap=cap_s, score=score_s, note=note)
             log(f"  {name}: LDS {np.nanmean(per_q):.3f}  D={d}  capture {cap_s:.1f}s  scoring {score_s:.1f}s")
 
-        for lm_head, names in [
-            (True, {1e-8: "kron-all"}),
-            (False, {1e-8: "kron-nohead", None: "kron-nohead-heuristic"}),
+        for lm_head, names in [  # damping None: Kronfluence's default 1e-8 absolute; 0.1: its heuristic, relative
+            (True, {None: "kron-all"}),
+            (False, {None: "kron-nohead", 0.1: "kron-nohead-heuristic"}),
         ]:
             paths = {d: CACHE / f"{key}-{n}.safetensors" for d, n in names.items()}
             if not all(p.exists() for p in paths.values()):
-                computed = kronfluence_scores(
+                t0 = time.time()
+                computed = quality_kronfluence.damped_scores(
                     model,
                     task,
                     bench.train,
                     bench.queries,
-                    quality_data.CACHE / "kron" / key / names[1e-8],
-                    lm_head,
-                    list(names),
+                    quality_data.CACHE / "kron" / key / names[None],
+                    quality_data.SEQ_LEN,
+                    lm_head=lm_head,
+                    dampings=list(names),
                 )
-                for d, (scores, seconds) in computed.items():
+                seconds = time.time() - t0  # one factor fit, then every damping's scores
+                for d, scores in zip(names, computed):
                     save_file({"scores": scores.contiguous(), "seconds": torch.tensor(seconds)}, paths[d])
             params = tracked_params(model, () if lm_head else NO_HEAD)
             for d, name in names.items():
@@ -477,7 +378,7 @@ def main() -> None:
                     params,
                     float("nan"),
                     float(saved["seconds"]),
-                    f"Kronfluence EK-FAC, sampled Fisher, damping {'0.1 x mean eigenvalue' if d is None else d}, {'all Linear incl. lm_head' if lm_head else 'no lm_head'}",
+                    f"Kronfluence EK-FAC, sampled Fisher, damping {'1e-8' if d is None else f'{d} x mean eigenvalue'}, {'all Linear incl. lm_head' if lm_head else 'no lm_head'}",
                 )
         for cfg in wanted:
             total, cap, sc = 0, 0.0, 0.0

@@ -15,6 +15,10 @@ fixed random init on the valued training rows (tokenizer fixed, trained on the w
 the same way (same seed) without each removed set, for the same number of epochs (--budget epochs: fewer
 rows, proportionally fewer steps, as a dataset without the provider would be trained) or of optimizer steps
 (--budget steps: the remaining rows get the removed rows' steps). The valued model is the seed-0 full model.
+A retraining seed sets the random init and the data order; with --fixed-init every retraining starts from
+the valued model's init (the fixed base) and the seeds differ in data order only. --valued-seed K values the
+full training of seed 1000 K instead, and its retraining seed 1000 K + s: with --seeds 1 the ground truth is
+that model's own training (same init, same data order) without the removed rows.
 --ground-truth finetune: the proxy `valuation_quality` uses for a model whose training is unknown: the
 trained model is fine-tuned (--epochs, --lr) with and without the provider's rows.
 --max-train N values (and retrains on) a seeded sample of N training sequences (0: all of them).
@@ -66,11 +70,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup", choices=sorted(SETUPS), default="embedded")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="scratch: retraining seeds start here (more seeds for a saved run)"
+    )
+    parser.add_argument(
+        "--valued-seed",
+        type=int,
+        default=0,
+        help="scratch: the valued model is the full training of seed 1000 x this; retraining seeds count from there",
+    )
     parser.add_argument("--random-sets", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ground-truth", choices=("scratch", "finetune"), default="scratch")
     parser.add_argument("--budget", choices=("epochs", "steps"), default="epochs", help="scratch: what stays fixed")
+    parser.add_argument(
+        "--fixed-init", action="store_true", help="scratch: every retraining starts from the valued model's init"
+    )
     parser.add_argument("--max-train", type=int, default=0, help="training sequences valued and retrained on (0: all)")
     parser.add_argument("--output", type=Path, help="write the metrics and per-removal figures as JSON")
     args = parser.parse_args()
@@ -90,7 +106,12 @@ def main() -> None:
     corpus = load_corpus(setup["providers"])
     m = settings.model
     config = quality.ProviderRetrainConfig(
-        seeds=args.seeds, random_sets=args.random_sets, epochs=args.epochs, lr=args.lr, batch_size=16
+        seeds=args.seeds,
+        random_sets=args.random_sets,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=16,
+        seed=args.valued_seed,
     )
     if args.ground_truth == "finetune":
         model, tokenizer, _ = train_embedded_model(corpus, m)
@@ -121,6 +142,7 @@ def main() -> None:
                 batch_size=m.train_batch_size,
                 lr=m.learning_rate,
                 seed=seed,
+                init_seed=config.seed * 1000 if args.fixed_init else None,
             )
 
         model = train_fn(train, config.seed * 1000)  # the valued model: the full training of retraining seed 0
@@ -147,7 +169,7 @@ def main() -> None:
         settings.curvature,
         config,
         query_providers=query_providers,
-        train_fn=train_fn,
+        train_fn=(lambda examples, seed: train_fn(examples, seed + args.first_seed)) if train_fn else None,
         progress=progress,
     )
     table = provider_table(
@@ -173,6 +195,9 @@ def main() -> None:
             "ground_truth": args.ground_truth,
             "budget": args.budget,
             "seeds": args.seeds,
+            "first_seed": args.first_seed,
+            "valued_seed": args.valued_seed,
+            "fixed_init": args.fixed_init,
             "random_sets": args.random_sets,
             "epochs": args.epochs,
             "lr": args.lr,

@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/provider_values.py --seeds 4 --output lpo.json     # the ground truth, once
     .venv/bin/python benchmarks/provider_values_sensitivity.py lpo.json
+    .venv/bin/python benchmarks/provider_values.py --seeds 3 --first-seed 4 --output more.json   # more seeds
+    .venv/bin/python benchmarks/provider_values_sensitivity.py lpo.json more.json --configs default kronfluence
 
 Retrains the valued model of that run (the embedded GPT-2, seed 0, all training rows; deterministic, so the same
 model), then values the providers under a few settings (the default; rank 64; damping 0.001; lm_head or the token
-embedding left out; projection seeds 1 and 2, whose spread is set beside the query-bootstrap interval)
-and compares each with the saved measured effects:
+embedding left out; projection seeds 1 and 2, whose spread is set beside the query-bootstrap interval; on request,
+Kronfluence's unprojected EK-FAC, the anchor, which needs the install in benchmarks/README.md) and compares each
+with the saved measured effects, the seeds of every JSON given pooled:
 Spearman across single-provider removals, calibration slope and intercept, sign agreement (domain/quality.py).
 Needs a run of the `embedded` setup with `--ground-truth scratch` and no `--max-train`.
 """
@@ -14,15 +17,16 @@ Needs a run of the `embedded` setup with `--ground-truth scratch` and no `--max-
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import quality_kronfluence  # noqa: E402
 from provider_values import load_corpus  # noqa: E402
 
 from dataworth import CausalLMTask  # noqa: E402
@@ -36,16 +40,18 @@ from domain.settings import Settings  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ground_truth", type=Path, help="JSON written by provider_values.py --output")
-    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
+    parser.add_argument(
+        "ground_truth", type=Path, nargs="+", help="JSON written by provider_values.py --output; several: seeds pooled"
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=sorted(CONFIGS | KRONFLUENCE),
+        default=sorted(CONFIGS),
+        help="default: all but Kronfluence's",
+    )
     args = parser.parse_args()
-    saved = json.loads(args.ground_truth.read_text())
-    if (
-        saved["setup"] != "embedded"
-        or saved["retrain"].get("ground_truth") != "scratch"
-        or saved["retrain"]["max_train"]
-    ):
-        raise SystemExit(f"{args.ground_truth}: needs an embedded, --ground-truth scratch run on all training rows")
+    saved, measured_by_seed = pooled_ground_truth(args.ground_truth)
     settings = Settings()
     m = settings.model
     corpus = load_corpus(None)
@@ -65,24 +71,30 @@ def main() -> None:
     )
     task = CausalLMTask(pad_token_id=tokenizer.pad_token_id, seed=m.seed)
     removals = [[code[p] for p in r["removed"]] for r in saved["removals"]]
-    measured = np.array([r["measured"] for r in saved["removals"]])
+    measured = measured_by_seed.mean((0, 2))  # (R,) nats, mean over seeds and queries
+    print(f"ground truth: {measured_by_seed.shape[0]} retraining seeds, {len(removals)} removals\n")
 
     own = torch.tensor([code.get(p.get("group"), -1) for p in prompts])  # the held-out documents' provider
     rows = torch.bincount(groups, minlength=len(providers)).double()[:, None]
 
-    def evaluate(name: str, valued: nn.Module, projection, curvature) -> tuple[np.ndarray, torch.Tensor]:
-        projection = pipeline_projection_config(projection, valued, adapter=False)  # no wpe; ranks cut to widths
-        gradients = quality.capture(valued, task, train, queries, projection, fishers=(curvature.fisher,))
-        scores = quality.score_matrix(gradients, curvature)
+    def evaluate(name: str, scores: torch.Tensor, cosine: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
+        """One table row for influence scores (N, Q); `cosine` (N, Q): the same, normalized (if available)."""
         sums = quality.group_sums(scores, groups, len(providers))
         predicted = quality.predicted_removal_effects(sums, removals, len(train)).numpy()
         agreement = quality.removal_agreement(predicted, measured, len(providers))
         cells = " | ".join(f"{agreement[k]:.3f}" for k in ("spearman", "slope", "intercept", "sign_agreement"))
-        cosine = quality.group_sums(quality.score_matrix(gradients, curvature, "cosine"), groups, len(providers))
         labelled = own >= 0
-        ids = [quality.provider_accuracy(m[:, labelled], own[labelled]) for m in (sums, sums / rows, cosine / rows)]
-        print(f"| {name} | {cells} | {' | '.join(f'{x:.2f}' for x in ids)} |", flush=True)
+        rankings = (sums, sums / rows) + (
+            () if cosine is None else (quality.group_sums(cosine, groups, len(providers)) / rows,)
+        )
+        ids = [f"{quality.provider_accuracy(m[:, labelled], own[labelled]):.2f}" for m in rankings]
+        print(f"| {name} | {cells} | {' | '.join(ids + ['-'] * (3 - len(ids)))} |", flush=True)
         return predicted, sums
+
+    def dataworth_scores(projection, curvature) -> tuple[torch.Tensor, torch.Tensor]:
+        projection = pipeline_projection_config(projection, model, adapter=False)  # no wpe; ranks cut to widths
+        gradients = quality.capture(model, task, train, queries, projection, fishers=(curvature.fisher,))
+        return quality.score_matrix(gradients, curvature), quality.score_matrix(gradients, curvature, "cosine")
 
     print(
         "| valuation setting | Spearman (singles) | slope | intercept | sign agreement "
@@ -91,8 +103,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     predicted, sums = {}, {}
     for name in args.configs:
+        if name in KRONFLUENCE:
+            label, options = KRONFLUENCE[name]
+            with tempfile.TemporaryDirectory() as factors:
+                by_damping = quality_kronfluence.damped_scores(
+                    model, task, train, queries, Path(factors), settings.shards.seq_len, **options
+                )
+            for damping, scores in zip(options["dampings"], by_damping):
+                predicted[name], sums[name] = evaluate(f"{label}, damping {damping} relative", scores, None)
+            continue
         label, projection, curvature = CONFIGS[name](settings.projection, settings.curvature)
-        predicted[name], sums[name] = evaluate(label, model, projection, curvature)
+        predicted[name], sums[name] = evaluate(label, *dataworth_scores(projection, curvature))
     if "default" in predicted:  # per removal, as the quick start's values add up
         print("\n| removed | predicted, default (nats) | measured (nats, mean of the seeds) |\n|---|---|---|")
         for removal, p, m in zip(saved["removals"], predicted["default"], measured):
@@ -100,6 +121,30 @@ def main() -> None:
     seeds = [n for n in ("default", *PROJECTION_SEEDS) if n in sums]
     if len(seeds) > 1:
         print_seed_spread(providers, [sums[n] for n in seeds], len(train))
+
+
+def pooled_ground_truth(paths: list[Path]) -> tuple[dict, np.ndarray]:
+    """The first run's JSON, and the measured rises (S, R, Q) of every run's seeds, stacked: runs of the same
+    setup and removals with different --first-seed pool into one ground truth with more seeds."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    for path, run in zip(paths, runs):
+        retrain = run["retrain"]
+        if run["setup"] != "embedded" or retrain.get("ground_truth") != "scratch" or retrain["max_train"]:
+            raise SystemExit(f"{path}: needs an embedded, --ground-truth scratch run on all training rows")
+        if retrain.get("valued_seed", 0):
+            raise SystemExit(
+                f"{path}: values the model of --valued-seed {retrain['valued_seed']}; this script the seed-0 one"
+            )
+        if [r["removed"] for r in run["removals"]] != [r["removed"] for r in runs[0]["removals"]]:
+            raise SystemExit(f"{path}: its removals differ from {paths[0]}'s; pool runs of the same --random-sets only")
+        for key in ("budget", "fixed_init"):
+            if run["retrain"].get(key, False) != runs[0]["retrain"].get(key, False):
+                raise SystemExit(f"{path}: its {key} differs from {paths[0]}'s; pool runs of one ground truth only")
+    starts = [run["retrain"].get("first_seed", 0) for run in runs]
+    seeds = [set(range(start, start + run["retrain"]["seeds"])) for start, run in zip(starts, runs)]
+    if sum(map(len, seeds)) != len(set().union(*seeds)):
+        raise SystemExit(f"{', '.join(map(str, paths))}: their retraining seeds overlap; run with other --first-seed")
+    return runs[0], np.concatenate([np.array(run["arrays"]["measured"]) for run in runs])
 
 
 def print_seed_spread(providers: list[str], sums: list[torch.Tensor], training_rows: int) -> None:
@@ -126,13 +171,34 @@ PROJECTION_SEEDS = {"seed1": 1, "seed2": 2}  # config name -> projection seed; t
 CONFIGS = {
     "default": lambda p, c: ("default (rank 32, lm_head 16 x 1024, wte 1024 x 16, damping 0.01 relative)", p, c),
     "rank64": lambda p, c: ("rank 64 (lm_head 16 x 1024)", replace(p, rank_in=64, rank_out=64), c),
-    "damping": lambda p, c: ("damping 0.001 relative", p, replace(c, damping=0.001)),
+    "damping0.001": lambda p, c: ("damping 0.001 relative", p, replace(c, damping=0.001)),
+    "damping0.1": lambda p, c: ("damping 0.1 relative", p, replace(c, damping=0.1)),
+    **{
+        f"no_embedding_damping{d}": (
+            lambda p, c, d=d: (
+                f"token embedding left out, damping {d} relative",
+                replace(p, embeddings=False),
+                replace(c, damping=d),
+            )
+        )
+        for d in (0.001, 0.1)
+    },
     "no_head": lambda p, c: ("lm_head left out", replace(p, exclude=(*p.exclude, "lm_head")), c),
     "no_embedding": lambda p, c: ("token embedding left out", replace(p, embeddings=False), c),
     **{
         name: (lambda p, c, k=k: (f"projection seed {k}", replace(p, seed=k), c))
         for name, k in PROJECTION_SEEDS.items()
     },
+}
+
+
+# name -> (row label, quality_kronfluence.damped_scores options): unprojected EK-FAC on every Linear, lm_head
+# included; Kronfluence does not track the token embedding, so compare with `no_embedding`
+KRONFLUENCE = {
+    "kronfluence": (
+        "Kronfluence EK-FAC, unprojected, no token embedding, empirical Fisher",
+        {"lm_head": True, "empirical": True, "dampings": (0.001, 0.01, 0.1, 1.0)},
+    ),
 }
 
 

@@ -39,7 +39,7 @@ ANCHORS = {
         "rank": "full",
         "kind": "ekfac",
         "fisher": "sampled",
-        "damping": 0.1,
+        "damping": 1e-8,  # Kronfluence's default damping_factor, absolute
         "normalize": "none",
     },
     "trak": {

@@ -3,6 +3,7 @@ queries. GPT-2's Conv1D layers are rewritten as nn.Linear (Kronfluence tracks Li
 Returns scores (N, Q) with our sign convention (positive: the example lowers the query's loss)."""
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,9 +38,30 @@ class _Examples(torch.utils.data.Dataset):
 
 
 def scores(model: nn.Module, task: CausalLMTask, train, queries, output_dir: Path, seq_len: int) -> torch.Tensor:
-    """(N, Q) Kronfluence EK-FAC pairwise scores (default: sampled Fisher, damping 0.1 x mean eigenvalue)."""
+    """(N, Q) Kronfluence EK-FAC pairwise scores with its defaults: sampled Fisher, damping 1e-8 (absolute),
+    every Linear but lm_head."""
+    return damped_scores(model, task, train, queries, output_dir, seq_len)[0]
+
+
+def damped_scores(
+    model: nn.Module,
+    task: CausalLMTask,
+    train,
+    queries,
+    output_dir: Path,
+    seq_len: int,
+    *,
+    lm_head: bool = False,
+    empirical: bool = False,
+    dampings: Sequence[float | None] = (None,),
+) -> list[torch.Tensor]:
+    """(N, Q) Kronfluence EK-FAC pairwise scores on every Linear (lm_head too if `lm_head`), with the sampled
+    (default) or empirical Fisher, one per damping, the factors fitted once. A damping of None is Kronfluence's
+    default (1e-8, absolute); a float is relative, that x each layer's mean eigenvalue (Kronfluence's heuristic
+    uses 0.1, dataworth's default is 0.01)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.factor import config as kronfluence_config
     from kronfluence.task import Task
 
     def pad(examples):
@@ -56,7 +78,7 @@ def scores(model: nn.Module, task: CausalLMTask, train, queries, output_dir: Pat
         return dataset
 
     linear = conv1d_to_linear(model).eval()
-    tracked = [n for n, m in linear.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    tracked = [n for n, m in linear.named_modules() if isinstance(m, nn.Linear) and (lm_head or n != "lm_head")]
 
     sampler = CausalLMTask(task.pad_token_id, seed=1)  # its own label-sampling generator
 
@@ -83,18 +105,26 @@ def scores(model: nn.Module, task: CausalLMTask, train, queries, output_dir: Pat
     analyzer.fit_all_factors(
         "ekfac",
         train_ds,
-        factor_args=FactorArguments(strategy="ekfac"),
+        factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=empirical),
         per_device_batch_size=16,
         overwrite_output_dir=True,
     )
-    analyzer.compute_pairwise_scores(
-        "pairwise",
-        "ekfac",
-        query_ds,
-        train_ds,
-        per_device_query_batch_size=len(queries),
-        per_device_train_batch_size=32,
-        score_args=ScoreArguments(),
-        overwrite_output_dir=True,
-    )
-    return analyzer.load_pairwise_scores("pairwise")["all_modules"].T.float()  # (Q, N) -> (N, Q)
+    heuristic, out = kronfluence_config.HEURISTIC_DAMPING_SCALE, []
+    for i, damping in enumerate(dampings):
+        if damping is not None:  # its damping_factor=None damps each layer by this scale x its mean eigenvalue
+            kronfluence_config.HEURISTIC_DAMPING_SCALE = damping
+        try:
+            analyzer.compute_pairwise_scores(
+                f"pairwise{i}",
+                "ekfac",
+                query_ds,
+                train_ds,
+                per_device_query_batch_size=len(queries),
+                per_device_train_batch_size=32,
+                score_args=ScoreArguments() if damping is None else ScoreArguments(damping_factor=None),
+                overwrite_output_dir=True,
+            )
+        finally:
+            kronfluence_config.HEURISTIC_DAMPING_SCALE = heuristic
+        out.append(analyzer.load_pairwise_scores(f"pairwise{i}")["all_modules"].T.float())  # (Q, N) -> (N, Q)
+    return out
