@@ -129,6 +129,7 @@ def main() -> None:
     train_fn = None
     if args.ground_truth == "scratch":
         shape = TinyGPT2Config.of(m)
+        valued_training_seed = config.seed * 1000  # = retraining seed 0 (domain/quality.py: measured_removal_effects)
 
         def train_fn(examples, seed: int):
             """The embedded model's training, from its seeded random init, on `examples`: the same epochs as
@@ -142,10 +143,10 @@ def main() -> None:
                 batch_size=m.train_batch_size,
                 lr=m.learning_rate,
                 seed=seed,
-                init_seed=config.seed * 1000 if args.fixed_init else None,
+                init_seed=valued_training_seed if args.fixed_init else None,
             )
 
-        model = train_fn(train, config.seed * 1000)  # the valued model: the full training of retraining seed 0
+        model = train_fn(train, valued_training_seed)  # the valued model: the full training of retraining seed 0
         log(f"trained the {args.setup} model from scratch ({m.train_steps} steps) on {len(train)} sequences")
 
     prompts = [p for p in read_prompts(defaults.queries_path()) if not setup["providers"] or p.get("group") in code]
