@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/provider_values.py                      # the embedded default (ModelSettings)
     .venv/bin/python benchmarks/provider_values.py --setup small        # n_embd 64, seq_len 64, 5 providers
     .venv/bin/python benchmarks/provider_values.py --output results.json
+    .venv/bin/python benchmarks/provider_values.py --ground-truth base --seeds 3   # fine-tuned from a fixed base
 
 What the pipeline does, without Dagster: the queries are data/embedded_queries.jsonl (held-out documents:
 prompt + reference completion, group = provider), the training sequences' gradients are captured with the
@@ -19,6 +20,10 @@ A retraining seed sets the random init and the data order; with --fixed-init eve
 the valued model's init (the fixed base) and the seeds differ in data order only. --valued-seed K values the
 full training of seed 1000 K instead, and its retraining seed 1000 K + s: with --seeds 1 the ground truth is
 that model's own training (same init, same data order) without the removed rows.
+--ground-truth base: the valued model is fine-tuned from a fixed pre-trained base, the way a released LLM is
+trained on the data it is valued on. A seeded --base-fraction of each provider's documents pre-trains the base
+(the embedded training, from a random init); the other documents' rows fine-tune it (--epochs, --lr, the same
+schedule and content-keyed data order), and each retraining fine-tunes the same base without the removed rows.
 --ground-truth finetune: the proxy `valuation_quality` uses for a model whose training is unknown: the
 trained model is fine-tuned (--epochs, --lr) with and without the provider's rows.
 --max-train N values (and retrains on) a seeded sample of N training sequences (0: all of them).
@@ -27,15 +32,19 @@ Prints the metrics and the per-removal figures as JSON.
 
 import argparse
 import json
+import math
 import platform
+import random
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,6 +59,7 @@ from domain.settings import ModelSettings, Settings, ShardSettings  # noqa: E402
 from domain.valuation import provider_table  # noqa: E402
 
 CORPUS = ROOT / "data" / "embedded_corpus"
+BASE_SEED = 7919  # --ground-truth base: which documents pre-train the base, and its training seed
 SETUPS = {
     "embedded": {"model": {}, "seq_len": None, "providers": None},
     "small": {
@@ -66,45 +76,154 @@ def load_corpus(providers: list[str] | None) -> pl.DataFrame:
     return docs.filter(pl.col("provider_id").is_in(providers)) if providers else docs
 
 
+@dataclass
+class Valued:
+    """The valued model and its training rows: train (N token-id lists), train_providers (N,) indices into
+    providers; train_fn(examples, seed) trains it again the way it was made (None: `finetune`, the proxy)."""
+
+    model: GPT2LMHeadModel
+    tokenizer: PreTrainedTokenizerBase
+    providers: list[str]
+    train: list[list[int]]
+    train_providers: torch.Tensor
+    train_fn: Callable[[list, int], GPT2LMHeadModel] | None
+    settings: Settings
+
+
+def setup_settings(setup: str) -> Settings:
+    defaults = Settings()
+    return replace(
+        defaults,
+        model=replace(ModelSettings(), **SETUPS[setup]["model"]),
+        shards=ShardSettings(seq_len=SETUPS[setup]["seq_len"] or defaults.shards.seq_len),
+    )
+
+
+def base_split(corpus: pl.DataFrame, fraction: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(base documents, valued training documents): a seeded `fraction` of each provider's documents
+    pre-trains the base, the rest are the rows the fine-tuned model is valued on."""
+    rng = random.Random(BASE_SEED)
+    base = []
+    for provider in sorted(corpus["provider_id"].unique().to_list()):
+        ids = sorted(corpus.filter(pl.col("provider_id") == provider)["doc_id"].to_list())
+        rng.shuffle(ids)
+        base += ids[: round(fraction * len(ids))]
+    in_base = pl.col("doc_id").is_in(base)
+    return corpus.filter(in_base), corpus.filter(~in_base)
+
+
+def valued_model(setup: str, retrain: dict, log: Callable[[str], None] = print) -> Valued:
+    """The valued model of a run whose options are `retrain` (the JSON's "retrain"), trained again
+    (deterministic), with its training rows and its retraining."""
+    settings = setup_settings(setup)
+    m = settings.model
+    corpus = load_corpus(SETUPS[setup]["providers"])
+    ground_truth = retrain["ground_truth"]
+    if ground_truth == "finetune":
+        model, tokenizer, _ = train_embedded_model(corpus, m)
+        log(f"trained the {setup} model ({m.train_steps} steps) on {corpus.height} documents")
+    else:
+        tokenizer = train_tokenizer(corpus["text"].to_list(), vocab_size=m.vocab_size)
+    shape, base = TinyGPT2Config.of(m), None
+    if ground_truth == "base":
+        base_docs, corpus = base_split(corpus, retrain["base_fraction"])
+        base_rows = tokenize_corpus(base_docs, tokenizer, settings.shards.seq_len)["input_ids"].to_list()
+        base = train_tiny_gpt2(
+            base_rows, tokenizer, shape, steps=m.train_steps, batch_size=m.train_batch_size, lr=m.learning_rate,
+            seed=BASE_SEED,
+        )  # fmt: skip
+        log(
+            f"pre-trained the base ({m.train_steps} steps) on {len(base_rows)} sequences of {base_docs.height} documents"
+        )
+    seqs = tokenize_corpus(corpus, tokenizer, settings.shards.seq_len)
+    providers = sorted(seqs["provider_id"].unique().to_list())
+    code = {p: i for i, p in enumerate(providers)}
+    if retrain["max_train"]:  # a seeded sample: the valued training set N, and what each retraining sees
+        order = torch.randperm(seqs.height, generator=torch.Generator().manual_seed(0))
+        seqs = seqs[sorted(order[: retrain["max_train"]].tolist())]
+    train = [list(ids) for ids in seqs["input_ids"].to_list()]
+    train_providers = torch.tensor([code[p] for p in seqs["provider_id"].to_list()])
+    if ground_truth == "finetune":
+        return Valued(model, tokenizer, providers, train, train_providers, None, settings)
+    valued_training_seed = retrain["valued_seed"] * 1000  # = retraining seed 0 (quality.measured_removal_effects)
+    if base is None:  # scratch: the embedded training, its steps and learning rate
+        steps, lr = m.train_steps, m.learning_rate
+    else:  # fine-tuning the base: `epochs` passes over the training rows
+        steps, lr = math.ceil(retrain["epochs"] * len(train) / m.train_batch_size), retrain["lr"]
+
+    def train_fn(examples, seed: int):
+        """The valued model's training on `examples`, from its seeded random init (scratch) or from the base:
+        the same epochs as the full training (budget "epochs") or the same optimizer steps ("steps")."""
+        fraction = 1.0 if retrain["budget"] == "steps" else len(examples) / len(train)
+        return train_tiny_gpt2(
+            examples,
+            tokenizer,
+            shape,
+            steps=max(1, round(steps * fraction)),
+            batch_size=m.train_batch_size,
+            lr=lr,
+            seed=seed,
+            init_seed=valued_training_seed if retrain.get("fixed_init") else None,
+            base=base,
+        )
+
+    model = train_fn(train, valued_training_seed)  # the valued model: the full training of retraining seed 0
+    log(f"trained the {setup} model ({ground_truth}, {steps} steps) on {len(train)} sequences")
+    return Valued(model, tokenizer, providers, train, train_providers, train_fn, settings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup", choices=sorted(SETUPS), default="embedded")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument(
-        "--first-seed", type=int, default=0, help="scratch: retraining seeds start here (more seeds for a saved run)"
+        "--first-seed", type=int, default=0, help="retraining seeds start here (more seeds for a saved run)"
     )
     parser.add_argument(
         "--valued-seed",
         type=int,
         default=0,
-        help="scratch: the valued model is the full training of seed 1000 x this; retraining seeds count from there",
+        help="the valued model is the full training of seed 1000 x this; retraining seeds count from there",
     )
     parser.add_argument("--random-sets", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ground-truth", choices=("scratch", "finetune"), default="scratch")
-    parser.add_argument("--budget", choices=("epochs", "steps"), default="epochs", help="scratch: what stays fixed")
+    parser.add_argument("--epochs", type=int, default=1, help="finetune, base: passes over the training rows")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="finetune, base: learning rate (base: the schedule's peak)"
+    )
+    parser.add_argument("--ground-truth", choices=("scratch", "base", "finetune"), default="scratch")
+    parser.add_argument(
+        "--base-fraction", type=float, default=0.5, help="base: of each provider's documents, pre-train the base"
+    )
+    parser.add_argument(
+        "--budget", choices=("epochs", "steps"), default="epochs", help="scratch, base: what stays fixed"
+    )
     parser.add_argument(
         "--fixed-init", action="store_true", help="scratch: every retraining starts from the valued model's init"
     )
     parser.add_argument("--max-train", type=int, default=0, help="training sequences valued and retrained on (0: all)")
     parser.add_argument("--output", type=Path, help="write the metrics and per-removal figures as JSON")
     args = parser.parse_args()
+    if args.fixed_init and args.ground_truth != "scratch":
+        parser.error("--fixed-init is for --ground-truth scratch (base: every retraining starts from the base)")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     started = time.perf_counter()
-    setup = SETUPS[args.setup]
-    defaults = Settings()
-    settings = replace(
-        defaults,
-        model=replace(ModelSettings(), **setup["model"]),
-        shards=ShardSettings(seq_len=setup["seq_len"] or defaults.shards.seq_len),
-    )
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
-    corpus = load_corpus(setup["providers"])
-    m = settings.model
+    retrain = {
+        "ground_truth": args.ground_truth,
+        "budget": args.budget,
+        "seeds": args.seeds,
+        "first_seed": args.first_seed,
+        "valued_seed": args.valued_seed,
+        "fixed_init": args.fixed_init,
+        "random_sets": args.random_sets,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "max_train": args.max_train,
+        "base_fraction": args.base_fraction,
+    }
     config = quality.ProviderRetrainConfig(
         seeds=args.seeds,
         random_sets=args.random_sets,
@@ -113,43 +232,10 @@ def main() -> None:
         batch_size=16,
         seed=args.valued_seed,
     )
-    if args.ground_truth == "finetune":
-        model, tokenizer, _ = train_embedded_model(corpus, m)
-        log(f"trained the {args.setup} model ({m.train_steps} steps) on {corpus.height} documents")
-    else:
-        tokenizer = train_tokenizer(corpus["text"].to_list(), vocab_size=m.vocab_size)
-    seqs = tokenize_corpus(corpus, tokenizer, settings.shards.seq_len)
-    providers = sorted(seqs["provider_id"].unique().to_list())
-    code = {p: i for i, p in enumerate(providers)}
-    if args.max_train:  # a seeded sample: the valued training set N, and what each retraining sees
-        order = torch.randperm(seqs.height, generator=torch.Generator().manual_seed(0))
-        seqs = seqs[sorted(order[: args.max_train].tolist())]
-    train = [list(ids) for ids in seqs["input_ids"].to_list()]
-    train_providers = torch.tensor([code[p] for p in seqs["provider_id"].to_list()])
-    train_fn = None
-    if args.ground_truth == "scratch":
-        shape = TinyGPT2Config.of(m)
-        valued_training_seed = config.seed * 1000  # = retraining seed 0 (domain/quality.py: measured_removal_effects)
-
-        def train_fn(examples, seed: int):
-            """The embedded model's training, from its seeded random init, on `examples`: the same epochs as
-            the full training (--budget epochs) or the same optimizer steps (--budget steps)."""
-            fraction = 1.0 if args.budget == "steps" else len(examples) / len(train)
-            return train_tiny_gpt2(
-                examples,
-                tokenizer,
-                shape,
-                steps=max(1, round(m.train_steps * fraction)),
-                batch_size=m.train_batch_size,
-                lr=m.learning_rate,
-                seed=seed,
-                init_seed=valued_training_seed if args.fixed_init else None,
-            )
-
-        model = train_fn(train, valued_training_seed)  # the valued model: the full training of retraining seed 0
-        log(f"trained the {args.setup} model from scratch ({m.train_steps} steps) on {len(train)} sequences")
-
-    prompts = [p for p in read_prompts(defaults.queries_path()) if not setup["providers"] or p.get("group") in code]
+    valued = valued_model(args.setup, retrain, log)
+    model, tokenizer, providers, train = valued.model, valued.tokenizer, valued.providers, valued.train
+    settings, setup, code = valued.settings, SETUPS[args.setup], {p: i for i, p in enumerate(valued.providers)}
+    prompts = [p for p in read_prompts(settings.queries_path()) if not setup["providers"] or p.get("group") in code]
     completions = completions_of(model, tokenizer, settings, prompts)
     queries = encode_queries(tokenizer, [p["prompt"] for p in prompts], completions)
     query_providers = torch.tensor([code.get(p.get("group"), -1) for p in prompts])
@@ -164,13 +250,15 @@ def main() -> None:
         model,
         task,
         train,
-        train_providers,
+        valued.train_providers,
         queries,
         pipeline_projection_config(settings.projection, model, adapter=False),
         settings.curvature,
         config,
         query_providers=query_providers,
-        train_fn=(lambda examples, seed: train_fn(examples, seed + args.first_seed)) if train_fn else None,
+        train_fn=(lambda examples, seed: valued.train_fn(examples, seed + args.first_seed))
+        if valued.train_fn
+        else None,
         progress=progress,
     )
     table = provider_table(
@@ -192,18 +280,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "model": {k: getattr(settings.model, k) for k in ("n_layer", "n_embd", "n_positions", "train_steps")},
         "seq_len": settings.shards.seq_len,
-        "retrain": {
-            "ground_truth": args.ground_truth,
-            "budget": args.budget,
-            "seeds": args.seeds,
-            "first_seed": args.first_seed,
-            "valued_seed": args.valued_seed,
-            "fixed_init": args.fixed_init,
-            "random_sets": args.random_sets,
-            "epochs": args.epochs,
-            "lr": args.lr,
-            "max_train": args.max_train,
-        },
+        "retrain": retrain,
         "metrics": metrics,
         "mean_query_loss": float(losses.mean()),
         "removals": [

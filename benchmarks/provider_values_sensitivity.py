@@ -5,13 +5,13 @@
     .venv/bin/python benchmarks/provider_values.py --seeds 3 --first-seed 4 --output more.json   # more seeds
     .venv/bin/python benchmarks/provider_values_sensitivity.py lpo.json more.json --configs default kronfluence
 
-Retrains the valued model of that run (the embedded GPT-2, seed 0, all training rows; deterministic, so the same
-model), then values the providers under a few settings (the default; rank 64; damping 0.001; lm_head or the token
-embedding left out; projection seeds 1 and 2, whose spread is set beside the query-bootstrap interval; on request,
-Kronfluence's unprojected EK-FAC, the anchor, which needs the install in benchmarks/README.md) and compares each
-with the saved measured effects, the seeds of every JSON given pooled:
+Trains the valued model of that run again (`provider_values.valued_model`, deterministic, so the same model),
+then values the providers under a few settings (`CONFIGS`: the default; other ranks, damping, PCA or no
+projection; lm_head, the token embedding or both left out; projection seeds 1 and 2, whose spread is set beside
+the query-bootstrap interval; on request, Kronfluence's unprojected EK-FAC, the anchor, which needs the install
+in benchmarks/README.md) and compares each with the saved measured effects, the seeds of every JSON pooled:
 Spearman across single-provider removals, calibration slope and intercept, sign agreement (domain/quality.py).
-Needs a run of the `embedded` setup with `--ground-truth scratch` and no `--max-train`.
+Runs pooled must share every option but --seeds and --first-seed.
 """
 
 import argparse
@@ -27,15 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality_kronfluence  # noqa: E402
-from provider_values import load_corpus  # noqa: E402
+from provider_values import SETUPS, valued_model  # noqa: E402
 
 from dataworth import CausalLMTask  # noqa: E402
 from domain import quality  # noqa: E402
 from domain.gradients import pipeline_projection_config  # noqa: E402
-from domain.lm import TinyGPT2Config, train_tiny_gpt2, train_tokenizer  # noqa: E402
 from domain.queries import completions_of, encode_queries, read_prompts  # noqa: E402
-from domain.sequences import tokenize_corpus  # noqa: E402
-from domain.settings import Settings  # noqa: E402
 
 
 def main() -> None:
@@ -52,20 +49,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     saved, measured_by_seed = pooled_ground_truth(args.ground_truth)
-    settings = Settings()
-    m = settings.model
-    corpus = load_corpus(None)
-    tokenizer = train_tokenizer(corpus["text"].to_list(), vocab_size=m.vocab_size)
-    seqs = tokenize_corpus(corpus, tokenizer, settings.shards.seq_len)
-    providers = sorted(seqs["provider_id"].unique().to_list())
-    code = {p: i for i, p in enumerate(providers)}
-    train = [list(ids) for ids in seqs["input_ids"].to_list()]
-    groups = torch.tensor([code[p] for p in seqs["provider_id"].to_list()])
-    shape = TinyGPT2Config.of(m)
-    model = train_tiny_gpt2(
-        train, tokenizer, shape, steps=m.train_steps, batch_size=m.train_batch_size, lr=m.learning_rate, seed=0
-    )
-    prompts = read_prompts(settings.queries_path())
+    valued = valued_model(saved["setup"], saved["retrain"])
+    model, tokenizer, providers, train, settings = (
+        valued.model, valued.tokenizer, valued.providers, valued.train, valued.settings
+    )  # fmt: skip
+    code, groups, m = {p: i for i, p in enumerate(providers)}, valued.train_providers, valued.settings.model
+    selected = SETUPS[saved["setup"]]["providers"]
+    prompts = [p for p in read_prompts(settings.queries_path()) if not selected or p.get("group") in code]
     queries = encode_queries(
         tokenizer, [p["prompt"] for p in prompts], completions_of(model, tokenizer, settings, prompts)
     )
@@ -127,18 +117,14 @@ def pooled_ground_truth(paths: list[Path]) -> tuple[dict, np.ndarray]:
     """The first run's JSON, and the measured rises (S, R, Q) of every run's seeds, stacked: runs of the same
     setup and removals with different --first-seed pool into one ground truth with more seeds."""
     runs = [json.loads(path.read_text()) for path in paths]
+    for run in runs:  # the options of runs made before they existed
+        run["retrain"] = {**RETRAIN_DEFAULTS, **run["retrain"]}
     for path, run in zip(paths, runs):
-        retrain = run["retrain"]
-        if run["setup"] != "embedded" or retrain.get("ground_truth") != "scratch" or retrain["max_train"]:
-            raise SystemExit(f"{path}: needs an embedded, --ground-truth scratch run on all training rows")
-        if retrain.get("valued_seed", 0):
-            raise SystemExit(
-                f"{path}: values the model of --valued-seed {retrain['valued_seed']}; this script the seed-0 one"
-            )
         if [r["removed"] for r in run["removals"]] != [r["removed"] for r in runs[0]["removals"]]:
             raise SystemExit(f"{path}: its removals differ from {paths[0]}'s; pool runs of the same --random-sets only")
-        for key in ("budget", "fixed_init"):
-            if run["retrain"].get(key, False) != runs[0]["retrain"].get(key, False):
+        for key in ("setup", *(k for k in run["retrain"] if k not in ("seeds", "first_seed"))):
+            mine, first = run.get(key, run["retrain"].get(key)), runs[0].get(key, runs[0]["retrain"].get(key))
+            if mine != first:
                 raise SystemExit(f"{path}: its {key} differs from {paths[0]}'s; pool runs of one ground truth only")
     starts = [run["retrain"].get("first_seed", 0) for run in runs]
     seeds = [set(range(start, start + run["retrain"]["seeds"])) for start, run in zip(starts, runs)]
@@ -166,11 +152,40 @@ def print_seed_spread(providers: list[str], sums: list[torch.Tensor], training_r
     print(f"\nmean seed std / mean bootstrap half-width: {ratio:.3f}")
 
 
+# the retrain options of runs that predate them: what those runs did
+RETRAIN_DEFAULTS = {"first_seed": 0, "valued_seed": 0, "fixed_init": False, "base_fraction": 0.5}
 PROJECTION_SEEDS = {"seed1": 1, "seed2": 2}  # config name -> projection seed; the default is seed 0
 # name -> (default projection, curvature) -> (row label, projection, curvature)
 CONFIGS = {
     "default": lambda p, c: ("default (rank 32, lm_head 16 x 1024, wte 1024 x 16, damping 0.01 relative)", p, c),
     "rank64": lambda p, c: ("rank 64 (lm_head 16 x 1024)", replace(p, rank_in=64, rank_out=64), c),
+    "rank128": lambda p, c: ("rank 128 (lm_head 16 x 1024)", replace(p, rank_in=128, rank_out=128), c),
+    **{
+        f"vocabulary{k}": (
+            lambda p, c, k=k: (
+                f"lm_head {k} x 1024, wte 1024 x {k} (their hidden sides at rank {k})",
+                replace(p, ranks={**p.ranks, "lm_head": (k, 1024)}, embedding_ranks=(1024, k)),
+                c,
+            )
+        )
+        for k in (64, 128)
+    },
+    "head128_no_embedding": lambda p, c: (
+        "lm_head 128 x 1024 (its hidden side at full width), token embedding left out",
+        replace(p, ranks={**p.ranks, "lm_head": (128, 1024)}, embeddings=False),
+        c,
+    ),
+    "blocks": lambda p, c: (
+        "the transformer blocks only (lm_head and token embedding left out)",
+        replace(p, embeddings=False, exclude=(*p.exclude, "lm_head")),
+        c,
+    ),
+    "blocks_unprojected": lambda p, c: (
+        "the blocks only, unprojected (identity projections): Kronfluence's layers in this engine",
+        replace(p, init="identity", embeddings=False, exclude=(*p.exclude, "lm_head")),
+        c,
+    ),
+    "pca": lambda p, c: ("PCA projections (top covariance eigenvectors)", replace(p, init="pca"), c),
     "damping0.001": lambda p, c: ("damping 0.001 relative", p, replace(c, damping=0.001)),
     "damping0.1": lambda p, c: ("damping 0.1 relative", p, replace(c, damping=0.1)),
     **{
@@ -198,6 +213,10 @@ KRONFLUENCE = {
     "kronfluence": (
         "Kronfluence EK-FAC, unprojected, no token embedding, empirical Fisher",
         {"lm_head": True, "empirical": True, "dampings": (0.001, 0.01, 0.1, 1.0)},
+    ),
+    "kronfluence_blocks": (
+        "Kronfluence EK-FAC, unprojected, the blocks only, empirical Fisher",
+        {"lm_head": False, "empirical": True, "dampings": (0.001, 0.01)},
     ),
 }
 

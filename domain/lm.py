@@ -141,10 +141,12 @@ def train_tiny_gpt2(
     lr: float,
     seed: int,
     init_seed: int | None = None,
+    base: GPT2LMHeadModel | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> GPT2LMHeadModel:
     """Train a GPT-2 from random init with AdamW on CPU; deterministic given ``seed``, which seeds the
-    random init (unless ``init_seed`` does) and the data order.
+    random init (unless ``init_seed`` does) and the data order. With ``base`` (a GPT-2 of ``config``'s
+    shape), a copy of its weights is fine-tuned instead of a random init, and ``base`` is left unchanged.
 
     ``sequences`` are token-id lists of 2..n_positions tokens. Each step draws
     ``batch_size`` sequences in `epoch_order`, right-pads them to the longest one and
@@ -161,8 +163,12 @@ def train_tiny_gpt2(
         )
     if not sequences:
         raise ValueError("no training sequences")
+    if base is not None and init_seed is not None:
+        raise ValueError("give init_seed (a random init) or base (its weights), not both")
     torch.manual_seed(seed if init_seed is None else init_seed)
     model = GPT2LMHeadModel(config.to_hf(tokenizer))
+    if base is not None:
+        model.load_state_dict(base.state_dict())
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_stable_decay, steps=steps))

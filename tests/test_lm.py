@@ -99,6 +99,23 @@ def test_init_seed_fixes_the_random_init_and_seed_still_orders_the_data(tokenize
     assert not torch.equal(train(3, seed=1, init_seed=0)[name], train(3, seed=0)[name])  # another data order
 
 
+def test_base_is_fine_tuned_from_its_weights_and_left_unchanged(trained, tokenizer, sequences):
+    base = trained[0]
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+
+    def fine_tune(**changes):
+        return train_tiny_gpt2(sequences, tokenizer, CONFIG, **{**TRAINING, "base": base, **changes}).state_dict()
+
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.equal(fine_tune(steps=0)[name], before[name])  # starts from the base, not a random init
+    tuned = fine_tune(steps=3)
+    assert not torch.equal(tuned[name], before[name])
+    assert torch.equal(tuned[name], fine_tune(steps=3)[name])  # deterministic
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    with pytest.raises(ValueError, match="not both"):
+        fine_tune(init_seed=0)
+
+
 def test_learning_rate_warms_up_holds_then_decays_to_zero():
     factors = [warmup_stable_decay(step, steps=100) for step in range(100)]
     assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # 5 warm-up steps
