@@ -129,12 +129,15 @@ def valued_model(setup: str, retrain: dict, log: Callable[[str], None] = print) 
         base_docs, corpus = base_split(corpus, retrain["base_fraction"])
         base_rows = tokenize_corpus(base_docs, tokenizer, settings.shards.seq_len)["input_ids"].to_list()
         base = train_tiny_gpt2(
-            base_rows, tokenizer, shape, steps=m.train_steps, batch_size=m.train_batch_size, lr=m.learning_rate,
+            base_rows,
+            tokenizer,
+            shape,
+            steps=m.train_steps,
+            batch_size=m.train_batch_size,
+            lr=m.learning_rate,
             seed=BASE_SEED,
-        )  # fmt: skip
-        log(
-            f"pre-trained the base ({m.train_steps} steps) on {len(base_rows)} sequences of {base_docs.height} documents"
         )
+        log(f"pre-trained the base ({m.train_steps} steps) on {len(base_rows)} sequences, {base_docs.height} documents")
     seqs = tokenize_corpus(corpus, tokenizer, settings.shards.seq_len)
     providers = sorted(seqs["provider_id"].unique().to_list())
     code = {p: i for i, p in enumerate(providers)}
@@ -163,7 +166,7 @@ def valued_model(setup: str, retrain: dict, log: Callable[[str], None] = print) 
             batch_size=m.train_batch_size,
             lr=lr,
             seed=seed,
-            init_seed=valued_training_seed if retrain.get("fixed_init") else None,
+            init_seed=valued_training_seed if retrain["fixed_init"] else None,
             base=base,
         )
 
@@ -203,6 +206,8 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=0, help="training sequences valued and retrained on (0: all)")
     parser.add_argument("--output", type=Path, help="write the metrics and per-removal figures as JSON")
     args = parser.parse_args()
+    if not 0 < args.base_fraction < 1:
+        parser.error(f"--base-fraction {args.base_fraction} must be between 0 and 1 (the base's share of documents)")
     if args.fixed_init and args.ground_truth != "scratch":
         parser.error("--fixed-init is for --ground-truth scratch (base: every retraining starts from the base)")
     torch.set_num_threads(max(torch.get_num_threads(), 1))

@@ -50,10 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     saved, measured_by_seed = pooled_ground_truth(args.ground_truth)
     valued = valued_model(saved["setup"], saved["retrain"])
-    model, tokenizer, providers, train, settings = (
-        valued.model, valued.tokenizer, valued.providers, valued.train, valued.settings
-    )  # fmt: skip
-    code, groups, m = {p: i for i, p in enumerate(providers)}, valued.train_providers, valued.settings.model
+    model, tokenizer, train, groups = valued.model, valued.tokenizer, valued.train, valued.train_providers
+    providers, settings, m = valued.providers, valued.settings, valued.settings.model
+    code = {p: i for i, p in enumerate(providers)}
     selected = SETUPS[saved["setup"]]["providers"]
     prompts = [p for p in read_prompts(settings.queries_path()) if not selected or p.get("group") in code]
     queries = encode_queries(
