@@ -118,14 +118,19 @@ def pooled_ground_truth(paths: list[Path]) -> tuple[dict, np.ndarray]:
     runs = [json.loads(path.read_text()) for path in paths]
     for run in runs:  # the options of runs made before they existed
         run["retrain"] = {**RETRAIN_DEFAULTS, **run["retrain"]}
+
+    def options(run: dict) -> dict:
+        """What makes one ground truth: the setup and every retrain option but its seeds."""
+        kept = {k: v for k, v in run["retrain"].items() if k not in ("seeds", "first_seed")}
+        return {"setup": run["setup"], **kept}
+
     for path, run in zip(paths, runs):
         if [r["removed"] for r in run["removals"]] != [r["removed"] for r in runs[0]["removals"]]:
             raise SystemExit(f"{path}: its removals differ from {paths[0]}'s; pool runs of the same --random-sets only")
-        for key in ("setup", *(k for k in run["retrain"] if k not in ("seeds", "first_seed"))):
-            mine, first = run.get(key, run["retrain"].get(key)), runs[0].get(key, runs[0]["retrain"].get(key))
-            if mine != first:
+        for key, value in options(run).items():
+            if value != options(runs[0]).get(key):
                 raise SystemExit(f"{path}: its {key} differs from {paths[0]}'s; pool runs of one ground truth only")
-    starts = [run["retrain"].get("first_seed", 0) for run in runs]
+    starts = [run["retrain"]["first_seed"] for run in runs]
     seeds = [set(range(start, start + run["retrain"]["seeds"])) for start, run in zip(starts, runs)]
     if sum(map(len, seeds)) != len(set().union(*seeds)):
         raise SystemExit(f"{', '.join(map(str, paths))}: their retraining seeds overlap; run with other --first-seed")
